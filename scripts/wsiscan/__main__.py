@@ -1,0 +1,7 @@
+"""``python -m wsiscan``: the same as the ``wsiscan`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,145 @@
+"""Config and sample-sheet validation: every error names the key or the row, before any job runs."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from wsiscan.config import load_samples, validate_config
+from wsiscan.errors import ConfigError
+
+from .conftest import REPO, run_snakemake
+
+HEADER = "slide_id\tpath\tannotation\tlabel\tsplit\n"
+
+
+def default_config() -> dict:
+    return yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+
+
+def test_default_config_is_valid():
+    cfg = validate_config(default_config())
+    assert cfg["scan"]["alpha"] in (1, 2, 4)
+
+
+def test_defaults_are_filled_in():
+    cfg = validate_config({"samples": "x.tsv"})
+    assert cfg["scan"]["n"] == 82 and cfg["model"]["width"] == 1.0
+    assert cfg["tissue"]["method"] == "saturation"
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "words"),
+    [
+        (("tissue", "closing_um"), "fifty", ["tissue.closing_um", "not of type"]),
+        (("tissue", "closing_um"), -1.0, ["tissue.closing_um", "minimum"]),
+        (("scan", "alpha"), 3, ["scan.alpha", "3"]),
+        (("scan", "n"), -2, ["scan.n"]),
+        (("infer", "device"), "tpu", ["infer.device"]),
+        (("tissue", "colour"), 1, ["tissue", "'colour' was unexpected"]),
+        (("bogus",), {}, ["'bogus' was unexpected"]),
+    ],
+)
+def test_config_errors_name_the_key(path, value, words):
+    cfg = copy.deepcopy(default_config())
+    node = cfg
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(ConfigError) as exc:
+        validate_config(cfg)
+    for word in words:
+        assert word in str(exc.value)
+
+
+def write_sheet(tmp_path: Path, rows: list[str]) -> Path:
+    sheet = tmp_path / "slides.tsv"
+    sheet.write_text(HEADER + "".join(r + "\n" for r in rows))
+    return sheet
+
+
+def test_sheet_demo_rows_need_no_files(tmp_path):
+    sheet = write_sheet(
+        tmp_path,
+        [
+            "a\tdata/demo/a.tif\tdata/demo/a.xml\ttumor\ttrain",
+            "b\tdata/demo/b.tif\t\tnormal\ttest",
+        ],
+    )
+    df = load_samples(sheet, base_dir=tmp_path)
+    assert list(df.index) == ["a", "b"]
+    assert df.loc["b", "annotation"] == ""
+
+
+def test_sheet_real_files_are_checked(tmp_path):
+    (tmp_path / "s1.svs").write_bytes(b"x")
+    ok = write_sheet(tmp_path, ["s1\ts1.svs\t\tnormal\ttest"])
+    assert load_samples(ok, base_dir=tmp_path).index.tolist() == ["s1"]
+    bad = write_sheet(tmp_path, ["s1\ts1.svs\t\tnormal\ttest", "s2\tmissing.svs\t\tnormal\ttest"])
+    with pytest.raises(ConfigError, match=r"line 3 \(slide_id 's2'\): path file 'missing.svs'"):
+        load_samples(bad, base_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("row", "words"),
+    [
+        ("../x\tdata/demo/x.tif\t\tnormal\ttest", ["line 2", "slide_id", "does not match"]),
+        ("a/b\tdata/demo/a.tif\t\tnormal\ttest", ["line 2", "does not match"]),
+        ("..\tdata/demo/...tif\t\tnormal\ttest", ["line 2", "slide_id"]),
+        ("a\tdata/demo/a.tif\t\tmaybe\ttest", ["line 2", "label", "'maybe'"]),
+        ("a\tdata/demo/a.tif\t\tnormal\tvalidation", ["line 2", "split"]),
+        ("a\tx.svs\t\ttumor\ttest", ["line 2", "path file 'x.svs' not found"]),
+    ],
+)
+def test_sheet_row_errors_name_the_row(tmp_path, row, words):
+    with pytest.raises(ConfigError) as exc:
+        load_samples(write_sheet(tmp_path, [row]), base_dir=tmp_path)
+    for word in words:
+        assert word in str(exc.value)
+
+
+def test_sheet_tumour_without_annotation(tmp_path):
+    (tmp_path / "t.svs").write_bytes(b"x")
+    sheet = write_sheet(tmp_path, ["t\tt.svs\t\ttumor\ttest"])
+    with pytest.raises(ConfigError, match="label is tumor but no annotation"):
+        load_samples(sheet, base_dir=tmp_path)
+
+
+def test_sheet_duplicate_ids(tmp_path):
+    sheet = write_sheet(
+        tmp_path,
+        [
+            "a\tdata/demo/a.tif\t\tnormal\ttest",
+            "b\tdata/demo/b.tif\t\tnormal\ttest",
+            "a\tdata/demo/a.tif\t\tnormal\ttrain",
+        ],
+    )
+    with pytest.raises(ConfigError, match=r"duplicate slide_id \['a'\] on lines 2, 4"):
+        load_samples(sheet, base_dir=tmp_path)
+
+
+def test_sheet_wrong_columns(tmp_path):
+    sheet = tmp_path / "s.tsv"
+    sheet.write_text("id\tpath\n1\tx\n")
+    with pytest.raises(ConfigError, match="columns must be"):
+        load_samples(sheet)
+
+
+def test_snakemake_stops_before_any_job(workdir):
+    cfg = yaml.safe_load((workdir / "config" / "config.yaml").read_text())
+    cfg["scan"]["alpha"] = 3
+    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    proc = run_snakemake(workdir, "--cores", "1", check=False)
+    assert proc.returncode != 0
+    assert "invalid config: scan.alpha" in proc.stdout + proc.stderr
+    assert not (workdir / "results").exists() and not (workdir / "data").exists()
+
+
+def test_dry_run_lists_demo_dag(workdir):
+    proc = run_snakemake(workdir, "-n", "--cores", "1", "--quiet", "rules")
+    out = proc.stdout + proc.stderr
+    for rule in ("synth_slide", "tissue_mask", "roi_grid", "infer", "stitch", "detect", "evaluate"):
+        assert rule in out, f"{rule} missing from the demo DAG:\n{out}"

@@ -43,8 +43,9 @@ rule evaluate:
         interpolation=EVAL["interpolation"],
         bootstrap=EVAL["bootstrap"],
         seed=EVAL["seed"],
+        allow_missing="--allow-missing" if EVAL["allow_missing"] else [],
     shell:
         "wsiscan evaluate --sheet {input.sheet:q} --results results --out results/cohort"
         " --split {params.split} --exclude {params.exclude:q} {params.fp_on_negative_only}"
         " --interpolation {params.interpolation} --bootstrap {params.bootstrap}"
-        " --seed {params.seed} > {log:q} 2>&1"
+        " --seed {params.seed} {params.allow_missing} > {log:q} 2>&1"

@@ -1,0 +1,539 @@
+"""Lesion points, slide score and region exports from a stitched probability map (``probmap.h5``).
+
+Map convention (written by the stitch stage): cell ``(i, j)`` of ``prob`` covers level-0 pixels
+``[j*s, (j+1)*s) x [i*s, (i+1)*s)`` with ``s = stride_px``, and holds the classifier's output for
+the patch centred on the cell centre. A detection at cell ``(i, j)`` is therefore reported at
+level-0 ``x = int((j + 0.5) * s)``, ``y = int((i + 0.5) * s)``, clamped into the slide.
+
+Two ways to turn the map into lesion points (config ``detect.method``):
+
+* ``nms``: iterative non-maximum suppression as NCRF and MONAI do it -- take the map maximum, emit
+  it, suppress every cell whose centre lies within ``radius_um`` of it, repeat while the maximum is
+  ``>= threshold`` (ties: the first cell in row-major order). :func:`nms_points` gives exactly the
+  points of that loop, without rescanning the whole map per point.
+* ``components``: one point per 8-connected component of the stitch stage's cleaned lesion mask, at
+  the component's maximum probability.
+
+Region exports (QuPath GeoJSON and ASAP XML) outline the components of the cleaned lesion mask.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .errors import SlideError
+
+log = logging.getLogger(__name__)
+
+METHODS = ("nms", "components")
+SCORE_METHODS = ("max",)
+#: ASAP group of exported detections: "_0" is the Camelyon16 tumour group, so ASAP shows the
+#: regions with the usual tumour styling and an edited file can be fed back as ground truth.
+ASAP_DETECTION_GROUP = "_0"
+
+
+# -- atomic outputs --------------------------------------------------------------------------------
+@contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Yield ``<path>.tmp`` to write to; on success move it onto ``path`` (``os.replace``).
+
+    On an exception the temporary file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: str | Path, obj: object) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+# -- the probability map ---------------------------------------------------------------------------
+PROBMAP_ATTRS = ("stride_px", "mpp", "slide_width", "slide_height")
+
+
+@dataclass
+class ProbMap:
+    """A slide's probability map and the attributes a later stage needs (level-0 units)."""
+
+    prob: np.ndarray  # float32 (H, W)
+    mask: np.ndarray | None  # bool (H, W): the stitch stage's thresholded + cleaned lesion mask
+    stride_px: float
+    mpp: float
+    slide_width: int
+    slide_height: int
+    slide_id: str | None = None
+    model_checksum: str | None = None
+    wsiscan_version: str | None = None
+    mask_threshold: float | None = None
+    attrs: dict = field(default_factory=dict)
+
+
+def _attr(value: object) -> object:
+    """HDF5 attribute as a plain Python value (bytes -> str, numpy scalar -> int/float)."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def read_probmap_attrs(path: str | Path, slide_id: str | None = None) -> dict:
+    """The attributes of ``probmap.h5`` as plain values; checks the required ones and the ID.
+
+    Raises :class:`SlideError` when the file is missing or unreadable, an attribute is missing,
+    or the file belongs to another slide.
+    """
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise SlideError(slide_id, path, "probability map not found")
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {k: _attr(v) for k, v in f.attrs.items()}
+    except OSError as exc:
+        raise SlideError(slide_id, path, f"cannot read probability map: {exc}")
+    _check_attrs(attrs, path, slide_id)
+    return attrs
+
+
+def _check_attrs(attrs: dict, path: Path, slide_id: str | None) -> None:
+    missing = [k for k in PROBMAP_ATTRS if k not in attrs]
+    if missing:
+        raise SlideError(slide_id, path, f"probability map lacks attributes {missing}")
+    if not (float(attrs["stride_px"]) > 0 and float(attrs["mpp"]) > 0):
+        raise SlideError(
+            slide_id, path, f"bad stride_px {attrs['stride_px']} or mpp {attrs['mpp']}"
+        )
+    if slide_id and attrs.get("slide_id") and attrs["slide_id"] != slide_id:
+        raise SlideError(slide_id, path, f"probability map belongs to slide {attrs['slide_id']!r}")
+
+
+def read_probmap(path: str | Path, slide_id: str | None = None) -> ProbMap:
+    """Read ``prob`` (and ``mask`` when present) with their attributes from ``probmap.h5``."""
+    import h5py
+
+    path = Path(path)
+    attrs = read_probmap_attrs(path, slide_id)
+    try:
+        with h5py.File(path, "r") as f:
+            if "prob" not in f:
+                raise SlideError(slide_id, path, "probability map has no 'prob' dataset")
+            prob = np.asarray(f["prob"][...], dtype=np.float32)
+            mask = np.asarray(f["mask"][...]).astype(bool) if "mask" in f else None
+    except OSError as exc:
+        raise SlideError(slide_id, path, f"cannot read probability map: {exc}")
+    if prob.ndim != 2 or (mask is not None and mask.shape != prob.shape):
+        shapes = f"prob {prob.shape}" + (f", mask {mask.shape}" if mask is not None else "")
+        raise SlideError(slide_id, path, f"bad map shapes: {shapes}")
+    if not np.all(np.isfinite(prob)):
+        raise SlideError(slide_id, path, "probability map holds NaN or infinite values")
+    threshold = attrs.get("threshold")
+    return ProbMap(
+        prob=prob,
+        mask=mask,
+        stride_px=float(attrs["stride_px"]),
+        mpp=float(attrs["mpp"]),
+        slide_width=int(attrs["slide_width"]),
+        slide_height=int(attrs["slide_height"]),
+        slide_id=attrs.get("slide_id"),
+        model_checksum=attrs.get("model_checksum"),
+        wsiscan_version=attrs.get("wsiscan_version"),
+        mask_threshold=float(threshold) if threshold is not None else None,
+        attrs=attrs,
+    )
+
+
+# -- lesion points ---------------------------------------------------------------------------------
+def cells_to_level0_xy(
+    rows: np.ndarray,
+    cols: np.ndarray,
+    stride_px: float,
+    slide_wh: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """Level-0 ``(x, y)`` int64 pixels of the centres of map cells ``(rows, cols)``.
+
+    ``x = int((col + 0.5) * stride_px)``; with ``slide_wh`` the points are clamped into the slide
+    (the last map cell may reach past the slide border).
+    """
+    xy = np.stack(
+        [
+            np.floor((np.asarray(cols, dtype=np.float64) + 0.5) * stride_px),
+            np.floor((np.asarray(rows, dtype=np.float64) + 0.5) * stride_px),
+        ],
+        axis=-1,
+    ).astype(np.int64)
+    if slide_wh is not None and len(xy):
+        xy[:, 0] = np.clip(xy[:, 0], 0, max(int(slide_wh[0]) - 1, 0))
+        xy[:, 1] = np.clip(xy[:, 1], 0, max(int(slide_wh[1]) - 1, 0))
+    return xy.reshape(-1, 2)
+
+
+def _disk_offsets(radius_cells: float) -> tuple[np.ndarray, np.ndarray]:
+    """Row/col offsets of the cells whose centres lie within ``radius_cells`` (inclusive)."""
+    r = int(np.floor(radius_cells))
+    di, dj = np.mgrid[-r : r + 1, -r : r + 1]
+    keep = di.astype(np.float64) ** 2 + dj.astype(np.float64) ** 2 <= radius_cells**2
+    return di[keep], dj[keep]
+
+
+def nms_cells(prob: np.ndarray, *, threshold: float, radius_cells: float) -> np.ndarray:
+    """Iterative NMS on a 2-D map in cell units; returns ``(K, 3)`` float64 ``[value, row, col]``.
+
+    Exactly the points of the plain loop "take the maximum (first in row-major order on ties),
+    emit it, remove every cell within ``radius_cells`` of it (centre distance, inclusive), repeat
+    while the maximum is ``>= threshold``". Implemented as a greedy pass over the cells
+    ``>= threshold`` sorted by (value descending, row-major index), skipping removed cells: the
+    next emitted point of the loop is always the first cell of that order not yet removed.
+    Removed cells are never emitted again (the same as NCRF's zeroing for ``threshold > 0``, and
+    well defined for ``threshold = 0``). Unlike NCRF's square box (and its ``>``), the suppressed
+    region is a disk and the stop test ``>=``.
+    """
+    prob = np.asarray(prob)
+    if prob.ndim != 2:
+        raise ValueError(f"prob must be 2-D, got shape {prob.shape}")
+    h, w = prob.shape
+    flat = prob.ravel()
+    cand = np.flatnonzero(flat >= threshold)
+    if cand.size == 0:
+        return np.zeros((0, 3), dtype=np.float64)
+    # stable sort of -value keeps row-major order among equal values
+    cand = cand[np.argsort(-flat[cand], kind="stable")]
+    di, dj = _disk_offsets(radius_cells)
+    removed = np.zeros(h * w, dtype=bool)
+    out: list[tuple[float, int, int]] = []
+    ptr, chunk = 0, 256
+    while ptr < cand.size:
+        window = cand[ptr : ptr + chunk]
+        free = np.flatnonzero(~removed[window])
+        if free.size == 0:
+            ptr += window.size
+            chunk = min(chunk * 2, 1 << 20)
+            continue
+        ptr += int(free[0])
+        chunk = 256
+        k = int(cand[ptr])
+        i, j = divmod(k, w)
+        out.append((float(flat[k]), i, j))
+        ii, jj = i + di, j + dj
+        inside = (ii >= 0) & (ii < h) & (jj >= 0) & (jj < w)
+        removed[ii[inside] * w + jj[inside]] = True
+        ptr += 1
+    return np.asarray(out, dtype=np.float64).reshape(-1, 3)
+
+
+def nms_points(
+    prob: np.ndarray,
+    stride_px: float,
+    mpp: float,
+    *,
+    threshold: float,
+    radius_um: float,
+    slide_wh: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """Lesion points by iterative NMS; ``(K, 3)`` float64 ``[confidence, x, y]`` (level-0 px).
+
+    ``radius_um`` is the suppression radius in micrometres (``radius_um / (mpp * stride_px)``
+    cells, centre distance); see :func:`nms_cells`. Sorted by confidence, descending.
+    """
+    if radius_um < 0:
+        raise ValueError(f"radius_um must be >= 0, got {radius_um}")
+    cells = nms_cells(prob, threshold=threshold, radius_cells=radius_um / (mpp * stride_px))
+    return _points(cells, stride_px, slide_wh)
+
+
+def _points(cells: np.ndarray, stride_px: float, slide_wh: tuple[int, int] | None) -> np.ndarray:
+    xy = cells_to_level0_xy(cells[:, 1], cells[:, 2], stride_px, slide_wh)
+    return np.column_stack([cells[:, 0], xy.astype(np.float64)]).reshape(-1, 3)
+
+
+def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """8-connected labels of a boolean mask (``skimage.measure.label``) and their count."""
+    from skimage.measure import label
+
+    labels, n = label(np.asarray(mask, dtype=bool), connectivity=2, return_num=True)
+    return labels, int(n)
+
+
+def component_cells(
+    prob: np.ndarray, mask: np.ndarray, *, min_cells: int = 1
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per 8-connected component of ``mask`` with ``>= min_cells`` cells: its maximum.
+
+    Returns ``(cells (K, 3) [max value, row, col of the first maximum in row-major order], label
+    ids (K,), sizes (K,) in cells)``, sorted by value descending (ties: row-major position).
+    """
+    prob = np.asarray(prob)
+    labels, n = label_components(mask)
+    empty = np.zeros((0, 3)), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    if n == 0:
+        return empty
+    flat_idx = np.flatnonzero(labels)
+    lab = labels.ravel()[flat_idx]
+    val = prob.ravel()[flat_idx].astype(np.float64)
+    # per label: highest value first, then the first cell in row-major order
+    order = np.lexsort((flat_idx, -val, lab))
+    lab_sorted = lab[order]
+    first = np.flatnonzero(np.r_[True, lab_sorted[1:] != lab_sorted[:-1]])
+    ids = lab_sorted[first].astype(np.int64)
+    sizes = np.diff(np.r_[first, lab_sorted.size]).astype(np.int64)
+    best = order[first]
+    keep = sizes >= min_cells
+    if not keep.any():
+        return empty
+    ids, sizes, best = ids[keep], sizes[keep], best[keep]
+    rows, cols = np.divmod(flat_idx[best], prob.shape[1])
+    values = val[best]
+    out_order = np.lexsort((cols, rows, -values))
+    cells = np.column_stack([values, rows, cols]).astype(np.float64)[out_order]
+    return cells, ids[out_order], sizes[out_order]
+
+
+def component_points(
+    prob: np.ndarray,
+    mask_or_threshold: np.ndarray | float,
+    stride_px: float,
+    *,
+    mpp: float | None = None,
+    min_area_um2: float = 0.0,
+    slide_wh: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """Lesion points, one per 8-connected component; ``(K, 3)`` ``[confidence, x, y]`` level-0.
+
+    ``mask_or_threshold`` is a boolean mask (the cleaned lesion mask) or a probability threshold
+    (components of ``prob >= threshold``). Each component emits its maximum probability at the
+    centre of its (first) maximum cell. Components smaller than ``min_area_um2`` are dropped
+    (needs ``mpp``). Sorted by confidence, descending.
+    """
+    prob = np.asarray(prob)
+    if np.ndim(mask_or_threshold) == 0:
+        mask = prob >= float(mask_or_threshold)
+    else:
+        mask = np.asarray(mask_or_threshold, dtype=bool)
+        if mask.shape != prob.shape:
+            raise ValueError(f"mask shape {mask.shape} != prob shape {prob.shape}")
+    min_cells = _min_cells(min_area_um2, stride_px, mpp)
+    cells, _, _ = component_cells(prob, mask, min_cells=min_cells)
+    return _points(cells, stride_px, slide_wh)
+
+
+def _min_cells(min_area_um2: float, stride_px: float, mpp: float | None) -> int:
+    if min_area_um2 <= 0:
+        return 1
+    if mpp is None:
+        raise ValueError("min_area_um2 needs mpp")
+    return max(1, int(np.ceil(min_area_um2 / (stride_px * mpp) ** 2 - 1e-9)))
+
+
+def slide_score(prob: np.ndarray, method: str = "max") -> float:
+    """Slide-level tumour score from the map: ``max`` = the maximum probability (0 if empty)."""
+    if method not in SCORE_METHODS:
+        raise ValueError(f"score method must be one of {SCORE_METHODS}, got {method!r}")
+    prob = np.asarray(prob)
+    return float(prob.max()) if prob.size else 0.0
+
+
+# -- region outlines -------------------------------------------------------------------------------
+@dataclass
+class Region:
+    """One detected region: its outline in level-0 px, max probability and area."""
+
+    polygon_level0_xy: np.ndarray  # (N, 2) float64, closed (first == last)
+    max_probability: float
+    area_um2: float
+    n_cells: int
+
+
+def mask_regions(
+    prob: np.ndarray,
+    mask: np.ndarray,
+    stride_px: float,
+    mpp: float,
+    *,
+    min_area_um2: float = 0.0,
+) -> list[Region]:
+    """Outlines of the 8-connected components of ``mask`` as level-0 polygons.
+
+    Each component's holes are filled and its outline traced with ``skimage.measure.find_contours``
+    at 0.5 on the 1-cell-padded component (``fully_connected="high"``, so diagonal neighbours stay
+    one outline); contour coordinates in cell units ``k`` map to level-0 ``(k + 0.5) * stride_px``,
+    i.e. the outline runs along cell borders (cut diagonally at corners). ``area_um2`` is the
+    component's cell count times the cell area. Sorted by max probability, descending.
+    """
+    from scipy import ndimage
+    from skimage.measure import find_contours, regionprops
+
+    labels, n = label_components(mask)
+    if n == 0:
+        return []
+    cell_um2 = (stride_px * mpp) ** 2
+    min_cells = _min_cells(min_area_um2, stride_px, mpp)
+    regions: list[Region] = []
+    for rp in regionprops(labels, intensity_image=np.asarray(prob, dtype=np.float64)):
+        if rp.area < min_cells:
+            continue
+        comp = ndimage.binary_fill_holes(rp.image)
+        padded = np.pad(comp, 1).astype(np.float64)
+        contours = find_contours(padded, 0.5, fully_connected="high")
+        outline = max(contours, key=_ring_area)
+        r0, c0 = rp.bbox[0], rp.bbox[1]
+        xy = np.column_stack([outline[:, 1] - 1 + c0, outline[:, 0] - 1 + r0])
+        xy = (xy + 0.5) * stride_px
+        if not np.array_equal(xy[0], xy[-1]):
+            xy = np.vstack([xy, xy[:1]])
+        regions.append(
+            Region(
+                polygon_level0_xy=xy,
+                max_probability=float(rp.intensity_max),
+                area_um2=float(rp.area) * cell_um2,
+                n_cells=int(rp.area),
+            )
+        )
+    regions.sort(key=lambda r: -r.max_probability)
+    return regions
+
+
+def _ring_area(ring: np.ndarray) -> float:
+    """Absolute shoelace area of a ``(N, 2)`` ring."""
+    y, x = ring[:, 0], ring[:, 1]
+    return abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))) / 2
+
+
+def write_region_exports(
+    regions: list[Region], out_geojson: str | Path, out_xml: str | Path
+) -> None:
+    """Write ``regions`` as QuPath GeoJSON (classification Tumor) and ASAP XML (both atomic).
+
+    GeoJSON features carry ``max_probability``, ``area_um2`` and ``n_cells``. ASAP annotations are
+    named ``Detection <k> (p=<max>)`` in group :data:`ASAP_DETECTION_GROUP` (``_0``, the
+    Camelyon16 tumour group).
+    """
+    from .annotations import Annotation, write_asap_xml, write_geojson
+
+    polygons = [r.polygon_level0_xy for r in regions]
+    props = [
+        {
+            "max_probability": round(r.max_probability, 6),
+            "area_um2": round(r.area_um2, 3),
+            "n_cells": r.n_cells,
+        }
+        for r in regions
+    ]
+    write_geojson(out_geojson, polygons, properties=props, classification="Tumor")
+    anns = [
+        Annotation(f"Detection {k} (p={r.max_probability:.3f})", ASAP_DETECTION_GROUP, poly[:-1])
+        for k, (r, poly) in enumerate(zip(regions, polygons, strict=True))
+    ]
+    write_asap_xml(out_xml, anns)
+
+
+# -- the stage -------------------------------------------------------------------------------------
+def format_confidence(value: float) -> str:
+    """Shortest decimal that reads back as ``value``; for a float32 map value, the shortest one
+    that reads back as that float32 (``0.7`` rather than ``0.699999988``). Order is preserved."""
+    f32 = np.float32(value)
+    return str(f32) if float(f32) == float(value) else repr(float(value))
+
+
+def write_lesions_csv(path: str | Path, points: np.ndarray, *, header: bool = True) -> None:
+    """Write ``(K, 3) [confidence, x, y]`` as CSV (``confidence,x,y``; x, y int), atomically.
+
+    ``header=False`` gives a Camelyon16 submission file.
+    """
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    lines = ["confidence,x,y"] if header else []
+    lines += [f"{format_confidence(c)},{int(x)},{int(y)}" for c, x, y in points]
+    with atomic_output(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in lines))
+
+
+def detect_slide(
+    probmap_h5: str | Path,
+    out_csv: str | Path,
+    out_score_json: str | Path,
+    out_geojson: str | Path,
+    out_xml: str | Path,
+    *,
+    slide_id: str,
+    method: str = "nms",
+    threshold: float = 0.5,
+    radius_um: float = 200.0,
+    min_area_um2: float = 0.0,
+    score: str = "max",
+) -> dict:
+    """Stage ``detect``: lesion points, slide score and region exports of one slide.
+
+    ``method`` ``nms`` (:func:`nms_points` with ``threshold`` and ``radius_um``) or ``components``
+    (:func:`component_points` on the map's cleaned ``mask``, or ``prob >= threshold`` when the
+    file has none; components below ``min_area_um2`` dropped). Region exports outline the same
+    mask's components of at least ``min_area_um2``. Writes ``out_csv`` (``confidence,x,y``, level-0
+    int px, confidence descending), ``out_score_json`` and the GeoJSON / ASAP XML; returns the
+    score record.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    pm = read_probmap(probmap_h5, slide_id)
+    slide_wh = (pm.slide_width, pm.slide_height)
+    mask = pm.mask if pm.mask is not None else pm.prob >= threshold
+    if method == "nms":
+        points = nms_points(
+            pm.prob,
+            pm.stride_px,
+            pm.mpp,
+            threshold=threshold,
+            radius_um=radius_um,
+            slide_wh=slide_wh,
+        )
+    else:
+        points = component_points(
+            pm.prob, mask, pm.stride_px, mpp=pm.mpp, min_area_um2=min_area_um2, slide_wh=slide_wh
+        )
+    regions = mask_regions(pm.prob, mask, pm.stride_px, pm.mpp, min_area_um2=min_area_um2)
+    record = {
+        "slide_id": slide_id,
+        "score": slide_score(pm.prob, score),
+        "score_method": score,
+        "n_lesions": int(len(points)),
+        "n_regions": len(regions),
+        "method": method,
+        "threshold": float(threshold),
+        "nms_radius_um": float(radius_um),
+        "min_area_um2": float(min_area_um2),
+        "mask_threshold": pm.mask_threshold,
+        "stride_px": pm.stride_px,
+        "mpp": pm.mpp,
+        "slide_width": pm.slide_width,
+        "slide_height": pm.slide_height,
+        "model_checksum": pm.model_checksum,
+        "wsiscan_version": __version__,
+    }
+    write_lesions_csv(out_csv, points)
+    write_region_exports(regions, out_geojson, out_xml)
+    write_json(out_score_json, record)
+    log.info(
+        "slide %s: score %.4f, %d lesion points (%s), %d regions",
+        slide_id,
+        record["score"],
+        record["n_lesions"],
+        method,
+        len(regions),
+    )
+    return record

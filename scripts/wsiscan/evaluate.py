@@ -1,0 +1,781 @@
+"""Cohort evaluation by the Camelyon16 protocol: lesion FROC, slide ROC/AUC, bootstrap CIs, plots.
+
+The FROC reproduces the official Camelyon16 ``Evaluation_FROC.py`` (Bejnordi, 2016) number for
+number by default, including its quirks; each is documented where it is reproduced:
+
+* the evaluation mask is built at downsample 32 (level 5 of the Camelyon16 pyramids): Euclidean
+  distance of every non-tumour pixel to the nearest tumour pixel, keep ``distance < 75 um /
+  (mpp * 32 * 2)`` px (the threshold is *half* the 75 um, i.e. 37.5 um, measured in level-5 px),
+  fill holes, label 8-connected regions (:func:`evaluation_mask`);
+* an isolated-tumour-cell (ITC) region is a labelled region whose ``regionprops`` major axis is
+  ``< 275 um / (mpp * 32)`` px (:func:`itc_labels`);
+* a detection at level-0 ``(X, Y)`` hits ``mask[Y // 32, X // 32]`` (row Y, column X; integer
+  division as in the Python 2 original); label 0: false positive; ITC label: ignored; other: the
+  lesion's true-positive probability becomes the hit's confidence if higher (so only the
+  highest-confidence hit counts, further hits are neither TP nor FP) (:func:`match_detections`);
+* the per-lesion TP array is float32 and starts at zeros for *every* label, ITC labels included
+  (they stay 0); every detection on a normal slide is a false positive;
+* thresholds are the sorted unique values of all FP and TP probabilities (zeros of missed lesions
+  included) *without the lowest one*; a final ``(0 FP, 0 sensitivity)`` point is appended; because
+  the TP array is float32, TP probabilities are compared with the threshold in float32 (NumPy casts
+  a Python-float threshold to the float32 array's type), FP probabilities in float64; the unique
+  set and its order are taken in float64, as on the NumPy 1 the script ran on, where a float32
+  scalar and a Python float compare in float64 (:func:`froc_curve`);
+* FP per slide = #FP >= t / number of evaluated slides; sensitivity = #TP >= t / number of non-ITC
+  lesions; FROC score = mean of ``np.interp`` at 0.25, 0.5, 1, 2, 4, 8 FP per slide over the
+  reversed curve (constant beyond its ends) (:func:`froc_score`).
+
+Deviations, where the official script has no answer: physical thresholds use each slide's own mpp
+(the script hard-codes 0.243 um/px); a tumour slide whose mask holds no tumour pixel gets an empty
+evaluation mask (the script's distance transform has no zero then and returns nonsense); a
+detection outside the mask (the script crashes, or wraps around for negative coordinates) is a
+false positive, with a warning; slide labels come from the sample sheet (the script guesses them
+from the file name); a ground-truth mask TIFF counts every non-zero pixel as tumour (the script needs
+exactly 255, identical on the binary Camelyon16 masks).
+
+Known variants (config switches): ``fp_on_negative_only`` (FPs counted on normal slides only, over
+the number of normal slides) and ``interpolation: nearest`` (no interpolation: the best operating
+point at or below each FP rate).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import __version__
+from .detect import atomic_output, read_probmap_attrs, write_json, write_lesions_csv
+from .errors import ConfigError, SlideError
+
+log = logging.getLogger(__name__)
+
+EVAL_DOWNSAMPLE = 32  #: level 5 of the Camelyon16 pyramids
+GROWTH_UM = 75.0  #: annotations grow by (half of) 75 um, the size of ~5 tumour cells
+ITC_MAJOR_AXIS_UM = 275.0  #: 200 um ITC limit + 75 um growth
+FROC_RATES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  #: FP per slide at which sensitivity is averaged
+INTERPOLATIONS = ("linear", "nearest")
+LABELS = ("tumor", "normal")
+SHEET_COLUMNS = ("slide_id", "path", "annotation", "label", "split")
+#: a mask TIFF level read whole must fit in this many RGBA bytes
+MAX_MASK_LEVEL_BYTES = 1 << 30
+
+
+# -- evaluation mask -------------------------------------------------------------------------------
+def eval_mask_shape(
+    slide_wh: tuple[int, int], downsample: int = EVAL_DOWNSAMPLE
+) -> tuple[int, int]:
+    """``(rows, cols)`` of the evaluation mask: ``ceil(h / ds), ceil(w / ds)``.
+
+    Ceil, so every level-0 pixel of the slide maps into the mask.
+    """
+    w, h = (int(v) for v in slide_wh)
+    return -(-h // downsample), -(-w // downsample)
+
+
+def evaluation_mask(
+    tumour: np.ndarray, mpp: float, downsample: int = EVAL_DOWNSAMPLE
+) -> np.ndarray:
+    """Labelled evaluation mask (int32, 0 = background) from a tumour mask at ``downsample``.
+
+    As the official script: ``distance_transform_edt`` of the non-tumour pixels, keep
+    ``distance < 75 / (mpp * downsample * 2)`` px, ``binary_fill_holes``, label with
+    8-connectivity. ``mpp`` is the slide's level-0 um/px. A mask without tumour gives all zeros.
+    """
+    from scipy import ndimage
+    from skimage.measure import label
+
+    tumour = np.asarray(tumour, dtype=bool)
+    if not tumour.any():
+        return np.zeros(tumour.shape, dtype=np.int32)
+    distance_px = ndimage.distance_transform_edt(~tumour)
+    grown = distance_px < GROWTH_UM / (mpp * downsample * 2)
+    filled = ndimage.binary_fill_holes(grown)
+    return label(filled, connectivity=2).astype(np.int32)
+
+
+def itc_labels(labels: np.ndarray, mpp: float, downsample: int = EVAL_DOWNSAMPLE) -> np.ndarray:
+    """Sorted labels of the ITC regions: ``regionprops`` major axis ``< 275 / (mpp * ds)`` px."""
+    from skimage.measure import regionprops
+
+    limit_px = ITC_MAJOR_AXIS_UM / (mpp * downsample)
+    itc = [rp.label for rp in regionprops(labels) if rp.axis_major_length < limit_px]
+    return np.asarray(sorted(itc), dtype=np.int64)
+
+
+def tumour_mask_from_annotation(
+    path: str | Path,
+    slide_wh: tuple[int, int],
+    *,
+    slide_id: str | None = None,
+    downsample: int = EVAL_DOWNSAMPLE,
+) -> np.ndarray:
+    """Tumour mask (bool, :func:`eval_mask_shape`) from ASAP XML (``.xml``) or a mask TIFF.
+
+    XML: tumour groups (``Tumor``, ``_0``, ``_1``) minus exclusions (``_2``), rasterised at
+    ``downsample`` by :func:`wsiscan.annotations.rasterize`. Anything else: a Camelyon16
+    ground-truth mask TIFF (:func:`tumour_mask_from_tiff`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SlideError(slide_id, path, "annotation file not found")
+    shape = eval_mask_shape(slide_wh, downsample)
+    if path.suffix.lower() == ".xml":
+        from .annotations import rasterize, read_asap_xml
+
+        anns = read_asap_xml(path, slide_id=slide_id)
+        return np.asarray(rasterize(anns, shape, downsample), dtype=bool)
+    return tumour_mask_from_tiff(path, slide_wh, slide_id=slide_id, downsample=downsample)
+
+
+def tumour_mask_from_tiff(
+    path: str | Path,
+    slide_wh: tuple[int, int],
+    *,
+    slide_id: str | None = None,
+    downsample: int = EVAL_DOWNSAMPLE,
+) -> np.ndarray:
+    """Tumour mask (bool, :func:`eval_mask_shape`) from a ground-truth mask TIFF via OpenSlide.
+
+    Reads the pyramid level whose downsample is nearest ``downsample`` (in log scale) whole and
+    samples it at the centre of every evaluation cell (identity when that level is downsample 32,
+    as in the Camelyon16 masks). Tumour = non-zero first channel (and not transparent).
+    """
+    import openslide
+
+    path = Path(path)
+    try:
+        osr = openslide.OpenSlide(str(path))
+    except openslide.OpenSlideError as exc:
+        raise SlideError(slide_id, path, f"cannot open ground-truth mask: {exc}")
+    with osr:
+        mask_w, mask_h = osr.dimensions
+        if (mask_w, mask_h) != tuple(int(v) for v in slide_wh):
+            log.warning(
+                "slide %s: mask %s is %dx%d px, the slide %dx%d px; sampling it in its own frame",
+                slide_id,
+                path,
+                mask_w,
+                mask_h,
+                *slide_wh,
+            )
+        ds = np.asarray(osr.level_downsamples, dtype=np.float64)
+        level = int(np.argmin(np.abs(np.log(ds / downsample))))
+        lw, lh = osr.level_dimensions[level]
+        if lw * lh * 4 > MAX_MASK_LEVEL_BYTES:
+            raise SlideError(
+                slide_id,
+                path,
+                f"mask has no pyramid level near downsample {downsample} small enough to read "
+                f"(nearest: level {level}, {lw}x{lh} px); write the mask as a pyramid",
+            )
+        try:
+            rgba = np.asarray(osr.read_region((0, 0), level, (lw, lh)))
+        except openslide.OpenSlideError as exc:
+            raise SlideError(slide_id, path, f"cannot read ground-truth mask: {exc}")
+    tumour_level = (rgba[..., 0] > 0) & (rgba[..., 3] > 0)
+    rows, cols = eval_mask_shape((mask_w, mask_h), downsample)
+    level_ds = float(ds[level])
+    src_r = np.clip(np.floor((np.arange(rows) + 0.5) * downsample / level_ds), 0, lh - 1)
+    src_c = np.clip(np.floor((np.arange(cols) + 0.5) * downsample / level_ds), 0, lw - 1)
+    sampled = tumour_level[np.ix_(src_r.astype(np.int64), src_c.astype(np.int64))]
+    out = np.zeros(eval_mask_shape(slide_wh, downsample), dtype=bool)
+    r, c = min(rows, out.shape[0]), min(cols, out.shape[1])
+    out[:r, :c] = sampled[:r, :c]
+    return out
+
+
+# -- matching detections ---------------------------------------------------------------------------
+@dataclass
+class SlideFROC:
+    """A slide's contribution to the FROC, as the official ``compute_FP_TP_Probs`` returns it.
+
+    ``tp_probs`` is float32 with one entry per label of the evaluation mask (ITC labels and missed
+    lesions 0); ``n_lesions`` counts the non-ITC labels.
+    """
+
+    slide_id: str
+    is_tumour: bool
+    fp_probs: np.ndarray  # float64 (n_fp,)
+    tp_probs: np.ndarray  # float32 (max_label,)
+    n_lesions: int
+    n_itc: int
+    n_detections: int
+    itc_hits: int
+    outside: int  # detections outside the evaluation mask (counted as FP)
+
+    @property
+    def tp(self) -> int:
+        """Non-ITC lesions hit by at least one detection with positive confidence."""
+        return int(np.count_nonzero(self.tp_probs > 0))
+
+    @property
+    def fp(self) -> int:
+        return int(self.fp_probs.size)
+
+
+def match_detections(
+    slide_id: str,
+    confidence: np.ndarray,
+    level0_xy: np.ndarray,
+    labels: np.ndarray | None,
+    itc: np.ndarray,
+    *,
+    is_tumour: bool,
+    downsample: int = EVAL_DOWNSAMPLE,
+) -> SlideFROC:
+    """Split one slide's detections into FPs, per-lesion TP probabilities and ignored ITC hits.
+
+    ``confidence`` (K,), ``level0_xy`` (K, 2) int level-0 px; ``labels`` the evaluation mask
+    (ignored for a normal slide, where every detection is a FP). A detection hits
+    ``labels[y // ds, x // ds]``; outside the mask it is a FP (with a warning).
+    """
+    conf = np.asarray(confidence, dtype=np.float64).reshape(-1)
+    xy = np.asarray(level0_xy, dtype=np.int64).reshape(-1, 2)
+    itc = np.asarray(itc, dtype=np.int64)
+    if not is_tumour or labels is None:
+        return SlideFROC(
+            slide_id, False, conf.copy(), np.zeros(0, np.float32), 0, 0, conf.size, 0, 0
+        )
+    max_label = int(labels.max()) if labels.size else 0
+    rows, cols = xy[:, 1] // downsample, xy[:, 0] // downsample
+    inside = (rows >= 0) & (rows < labels.shape[0]) & (cols >= 0) & (cols < labels.shape[1])
+    hit = np.zeros(conf.size, dtype=np.int64)
+    hit[inside] = labels[rows[inside], cols[inside]]
+    n_out = int(np.count_nonzero(~inside))
+    if n_out:
+        log.warning("slide %s: %d detections outside the slide count as FP", slide_id, n_out)
+    on_itc = np.isin(hit, itc) & (hit > 0)
+    on_lesion = (hit > 0) & ~on_itc
+    best = np.zeros(max_label, dtype=np.float64)
+    np.maximum.at(best, hit[on_lesion] - 1, conf[on_lesion])
+    return SlideFROC(
+        slide_id=slide_id,
+        is_tumour=True,
+        fp_probs=conf[hit == 0].copy(),
+        # float32 as the official TP array; max-then-round == the script's compare-and-store
+        tp_probs=best.astype(np.float32),
+        n_lesions=max_label - int(itc.size),
+        n_itc=int(itc.size),
+        n_detections=int(conf.size),
+        itc_hits=int(np.count_nonzero(on_itc)),
+        outside=n_out,
+    )
+
+
+# -- FROC ------------------------------------------------------------------------------------------
+def froc_curve(
+    fp_probs: np.ndarray, tp_probs: np.ndarray, n_slides: int, n_lesions: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The official FROC curve: ``(fp_per_slide, sensitivity, threshold)``, thresholds ascending.
+
+    ``fp_probs`` all FP confidences (float64), ``tp_probs`` all per-lesion TP probabilities
+    (float32, zeros included), ``n_slides`` the FP-rate denominator, ``n_lesions`` the number of
+    non-ITC lesions. Thresholds: sorted unique of both, the lowest skipped; last point ``(0, 0)``
+    with threshold ``inf``. TPs are compared in float32 (official quirk), FPs in float64.
+    """
+    if n_slides <= 0 or n_lesions <= 0:
+        raise ValueError(f"FROC needs slides and lesions (got {n_slides}, {n_lesions})")
+    fp = np.sort(np.asarray(fp_probs, dtype=np.float64).reshape(-1))
+    tp = np.sort(np.asarray(tp_probs, dtype=np.float32).reshape(-1))
+    thresholds = np.unique(np.concatenate([fp, tp.astype(np.float64)]))[1:]
+    fp_counts = fp.size - np.searchsorted(fp, thresholds, side="left")
+    tp_counts = tp.size - np.searchsorted(tp, thresholds.astype(np.float32), side="left")
+    fps = np.append(fp_counts, 0) / float(n_slides)
+    sens = np.append(tp_counts, 0) / float(n_lesions)
+    return fps, sens, np.append(thresholds, np.inf)
+
+
+def froc_score(
+    fp_per_slide: np.ndarray,
+    sensitivity: np.ndarray,
+    *,
+    rates: tuple[float, ...] = FROC_RATES,
+    interpolation: str = "linear",
+) -> tuple[float, np.ndarray]:
+    """FROC score and the sensitivities at ``rates`` FP per slide.
+
+    ``linear`` (official): ``np.interp(rates, fps[::-1], sens[::-1])`` on the curve of
+    :func:`froc_curve` (sensitivity held constant beyond the curve's ends). ``nearest``: the
+    highest sensitivity among the curve points with ``fps <= rate`` (no interpolation).
+    """
+    fps = np.asarray(fp_per_slide, dtype=np.float64)
+    sens = np.asarray(sensitivity, dtype=np.float64)
+    r = np.asarray(rates, dtype=np.float64)
+    if interpolation == "linear":
+        at = np.interp(r, fps[::-1], sens[::-1])
+    elif interpolation == "nearest":
+        at = np.array([sens[fps <= x].max(initial=0.0) for x in r])
+    else:
+        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+    return float(np.mean(at)), at
+
+
+def cohort_froc_inputs(
+    slides: list[SlideFROC], *, fp_on_negative_only: bool = False
+) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """``(fp_probs, tp_probs, n_slides, n_lesions)`` of a cohort for :func:`froc_curve`.
+
+    Official: FPs of every slide over the number of slides. ``fp_on_negative_only``: FPs of the
+    normal slides only, over the number of normal slides.
+    """
+    fp_src = [s for s in slides if not (fp_on_negative_only and s.is_tumour)]
+    fp = np.concatenate([s.fp_probs for s in fp_src] + [np.zeros(0)])
+    tp = np.concatenate([s.tp_probs for s in slides] + [np.zeros(0, np.float32)])
+    return fp, tp.astype(np.float32), len(fp_src), sum(s.n_lesions for s in slides)
+
+
+def cohort_froc(
+    slides: list[SlideFROC],
+    *,
+    fp_on_negative_only: bool = False,
+    interpolation: str = "linear",
+) -> dict | None:
+    """FROC curve and score of a cohort; ``None`` when undefined (no lesions or no FP slides)."""
+    fp, tp, n_slides, n_lesions = cohort_froc_inputs(
+        slides, fp_on_negative_only=fp_on_negative_only
+    )
+    if n_slides == 0 or n_lesions == 0:
+        return None
+    fps, sens, thr = froc_curve(fp, tp, n_slides, n_lesions)
+    score, at = froc_score(fps, sens, interpolation=interpolation)
+    return {"fps": fps, "sensitivity": sens, "thresholds": thr, "score": score, "at": at}
+
+
+# -- AUC and bootstrap -----------------------------------------------------------------------------
+def slide_auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
+    """ROC AUC (``sklearn.metrics.roc_auc_score``; tumour = 1); ``None`` with one class only."""
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.asarray(labels, dtype=np.int64)
+    if np.unique(labels).size < 2:
+        return None
+    return float(roc_auc_score(labels, np.asarray(scores, dtype=np.float64)))
+
+
+def _ci(values: list[float]) -> list[float] | None:
+    return [float(v) for v in np.percentile(values, [2.5, 97.5])] if values else None
+
+
+def bootstrap_cis(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    froc_slides: list[SlideFROC],
+    *,
+    n: int,
+    seed: int,
+    fp_on_negative_only: bool = False,
+    interpolation: str = "linear",
+) -> dict:
+    """95% percentile CIs of AUC and FROC score from ``n`` resamples of slides with replacement.
+
+    AUC resamples the scored slides, FROC the FROC slides (independently, one generator seeded by
+    ``seed``); resamples where the metric is undefined are skipped and counted.
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    scores = np.asarray(scores, dtype=np.float64)
+    aucs: list[float] = []
+    frocs: list[float] = []
+    for _ in range(n):
+        if labels.size:
+            idx = rng.integers(0, labels.size, labels.size)
+            auc = slide_auc(labels[idx], scores[idx])
+            if auc is not None:
+                aucs.append(auc)
+        if froc_slides:
+            idx = rng.integers(0, len(froc_slides), len(froc_slides))
+            res = cohort_froc(
+                [froc_slides[i] for i in idx],
+                fp_on_negative_only=fp_on_negative_only,
+                interpolation=interpolation,
+            )
+            if res is not None:
+                frocs.append(res["score"])
+    return {
+        "n": n,
+        "seed": seed,
+        "auc_ci95": _ci(aucs),
+        "froc_ci95": _ci(frocs),
+        "n_valid_auc": len(aucs),
+        "n_valid_froc": len(frocs),
+    }
+
+
+# -- reading a cohort ------------------------------------------------------------------------------
+def read_sheet(sheet_tsv: str | Path) -> pd.DataFrame:
+    """The sample sheet as strings (``dtype=str, keep_default_na=False``), columns checked."""
+    sheet_tsv = Path(sheet_tsv)
+    if not sheet_tsv.is_file():
+        raise ConfigError(f"sample sheet {str(sheet_tsv)!r} not found")
+    try:
+        df = pd.read_csv(sheet_tsv, sep="\t", dtype=str, keep_default_na=False, comment="#")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{sheet_tsv}: not a readable TSV: {exc}")
+    missing = [c for c in SHEET_COLUMNS if c not in df.columns]
+    if missing:
+        raise ConfigError(f"{sheet_tsv}: sample sheet lacks columns {missing}")
+    df = df.apply(lambda col: col.str.strip())
+    dups = df["slide_id"][df["slide_id"].duplicated()].unique().tolist()
+    if dups:
+        raise ConfigError(f"{sheet_tsv}: duplicate slide_id {dups}")
+    return df
+
+
+def read_lesions_csv(path: str | Path, slide_id: str | None = None) -> pd.DataFrame:
+    """``lesions.csv`` (header ``confidence,x,y``) as float64 confidence and int64 level-0 x, y."""
+    path = Path(path)
+    if not path.is_file():
+        raise SlideError(slide_id, path, "lesions file not found")
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise SlideError(slide_id, path, f"cannot read lesions CSV: {exc}")
+    if list(df.columns) != ["confidence", "x", "y"]:
+        raise SlideError(slide_id, path, f"columns must be confidence,x,y; got {list(df.columns)}")
+    try:
+        out = pd.DataFrame(
+            {
+                "confidence": df["confidence"].astype(np.float64),
+                "x": np.floor(df["x"].astype(np.float64)).astype(np.int64),
+                "y": np.floor(df["y"].astype(np.float64)).astype(np.int64),
+            }
+        )
+    except (ValueError, TypeError) as exc:
+        raise SlideError(slide_id, path, f"non-numeric value in lesions CSV: {exc}")
+    if not np.all(np.isfinite(out["confidence"])):
+        raise SlideError(slide_id, path, "NaN or infinite confidence in lesions CSV")
+    return out
+
+
+def read_score_json(path: str | Path, slide_id: str | None = None) -> dict:
+    """``score.json`` of the detect stage; checks ``score`` and the slide ID."""
+    path = Path(path)
+    if not path.is_file():
+        raise SlideError(slide_id, path, "score file not found")
+    try:
+        rec = json.loads(path.read_text())
+        float(rec["score"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise SlideError(slide_id, path, f"bad score JSON: {exc!r}")
+    if slide_id and rec.get("slide_id") not in (None, slide_id):
+        raise SlideError(slide_id, path, f"score file belongs to slide {rec['slide_id']!r}")
+    return rec
+
+
+@dataclass
+class SlideResult:
+    """What the evaluation reads of one slide."""
+
+    slide_id: str
+    label: str
+    annotation: str
+    lesions: pd.DataFrame
+    score: float
+    mpp: float
+    slide_wh: tuple[int, int]
+    model_checksum: str | None
+
+
+def _read_slide(row: dict, results_dir: Path) -> SlideResult:
+    sid = row["slide_id"]
+    base = results_dir / sid
+    lesions = read_lesions_csv(base / "lesions.csv", sid)
+    rec = read_score_json(base / "score.json", sid)
+    attrs = read_probmap_attrs(base / "probmap.h5", sid)
+    return SlideResult(
+        slide_id=sid,
+        label=row["label"],
+        annotation=row["annotation"],
+        lesions=lesions,
+        score=float(rec["score"]),
+        mpp=float(attrs["mpp"]),
+        slide_wh=(int(attrs["slide_width"]), int(attrs["slide_height"])),
+        model_checksum=rec.get("model_checksum") or attrs.get("model_checksum"),
+    )
+
+
+def slide_froc(res: SlideResult, base_dir: Path) -> SlideFROC:
+    """Evaluation mask (tumour slides), ITC labels and matched detections of one slide."""
+    conf = res.lesions["confidence"].to_numpy()
+    xy = res.lesions[["x", "y"]].to_numpy()
+    if res.label != "tumor":
+        return match_detections(res.slide_id, conf, xy, None, np.zeros(0), is_tumour=False)
+    if not res.annotation:
+        raise SlideError(
+            res.slide_id, None, "tumour slide has no annotation: cannot build FROC mask"
+        )
+    path = Path(res.annotation)
+    path = path if path.is_absolute() else base_dir / path
+    tumour = tumour_mask_from_annotation(path, res.slide_wh, slide_id=res.slide_id)
+    labels = evaluation_mask(tumour, res.mpp)
+    itc = itc_labels(labels, res.mpp)
+    return match_detections(res.slide_id, conf, xy, labels, itc, is_tumour=True)
+
+
+# -- outputs ---------------------------------------------------------------------------------------
+def _write_csv(path: Path, df: pd.DataFrame) -> None:
+    with atomic_output(path) as tmp:
+        df.to_csv(tmp, index=False)
+
+
+def _plot_froc(path: Path, froc: dict | None, ci: list[float] | None, rates) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 4.5), dpi=120)
+    ax = fig.add_subplot()
+    if froc is None:
+        ax.text(0.5, 0.5, "FROC undefined (no lesions)", ha="center", va="center")
+    else:
+        label = f"FROC score {froc['score']:.4f}"
+        if ci:
+            label += f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})"
+        ax.plot(froc["fps"], froc["sensitivity"], "-", color="black", label=label)
+        ax.plot(rates, froc["at"], "o", color="tab:red", label="at 0.25, 0.5, 1, 2, 4, 8 FP")
+        ax.set_xlim(0, 8.5)
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("Average number of false positives per slide")
+    ax.set_ylabel("Metastasis detection sensitivity")
+    ax.set_title("FROC (Camelyon16 protocol)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png")
+
+
+def _plot_roc(path: Path, roc: pd.DataFrame, auc: float | None, ci: list[float] | None) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.8, 4.5), dpi=120)
+    ax = fig.add_subplot()
+    if auc is None:
+        ax.text(0.5, 0.5, "AUC undefined (one class only)", ha="center", va="center")
+    else:
+        label = f"AUC {auc:.4f}" + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+        ax.plot(roc["fpr"], roc["tpr"], "-", color="black", label=label)
+        ax.legend(loc="lower right", fontsize=8)
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("False positive rate (normal slides)")
+    ax.set_ylabel("True positive rate (tumour slides)")
+    ax.set_title("Slide classification ROC")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png")
+
+
+def write_submission(out_dir: Path, results: list[SlideResult]) -> None:
+    """Camelyon16 submission folder: ``<slide_id>.csv`` with header-less ``confidence,X,Y``.
+
+    Written to ``<out_dir>.tmp`` and moved into place, replacing an older folder.
+    """
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for r in results:
+        pts = r.lesions[["confidence", "x", "y"]].to_numpy(dtype=np.float64)
+        write_lesions_csv(tmp / f"{r.slide_id}.csv", pts, header=False)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+
+
+def _json_float(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+# -- the stage -------------------------------------------------------------------------------------
+def evaluate_cohort(
+    sheet_tsv: str | Path,
+    results_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    split: str = "test",
+    exclude: list[str] | tuple[str, ...] = (),
+    fp_on_negative_only: bool = False,
+    interpolation: str = "linear",
+    bootstrap: int = 1000,
+    seed: int = 0,
+    allow_missing: bool = False,
+    base_dir: str | Path = ".",
+) -> dict:
+    """Stage ``evaluate``: FROC (Camelyon16) and slide AUC of the ``split`` slides labelled
+    tumor/normal in the sheet, from ``results_dir/<slide_id>/{lesions.csv,score.json,probmap.h5}``.
+
+    ``exclude``: slide IDs left out of the FROC (not of the AUC). ``allow_missing``: slides whose
+    outputs are missing are listed in ``metrics.json`` instead of stopping the run. Annotation paths
+    in the sheet are relative to ``base_dir``. Writes into ``out_dir``: ``metrics.json``,
+    ``froc.csv``, ``roc.csv``, ``slides.csv``, ``froc.png``, ``roc.png`` and ``submission/``;
+    returns the metrics.
+    """
+    from sklearn.metrics import roc_curve
+    from tqdm import tqdm
+
+    if interpolation not in INTERPOLATIONS:
+        raise ConfigError(f"evaluate.interpolation must be one of {INTERPOLATIONS}")
+    results_dir, out_dir, base_dir = Path(results_dir), Path(out_dir), Path(base_dir)
+    sheet = read_sheet(sheet_tsv)
+    rows = sheet[(sheet["split"] == split) & sheet["label"].isin(LABELS)].to_dict("records")
+    exclude_set = set(exclude)
+    warns: list[str] = []
+
+    def warn(msg: str) -> None:
+        log.warning(msg)
+        warns.append(msg)
+
+    if not rows:
+        warn(f"no slide of split {split!r} is labelled tumor or normal in {sheet_tsv}")
+    unknown_ex = sorted(exclude_set - {r["slide_id"] for r in rows})
+    if unknown_ex:
+        log.info("excluded IDs not among the evaluated slides: %s", unknown_ex)
+
+    results: list[SlideResult] = []
+    missing: list[dict] = []
+    for row in tqdm(rows, desc="reading results", unit="slide", mininterval=5):
+        try:
+            results.append(_read_slide(row, results_dir))
+        except SlideError as exc:
+            if not allow_missing:
+                raise
+            missing.append({"slide_id": row["slide_id"], "cause": str(exc)})
+            warn(f"slide {row['slide_id']}: left out: {exc}")
+
+    froc_slides: list[SlideFROC] = []
+    per_slide = []
+    for res in tqdm(results, desc="FROC masks", unit="slide", mininterval=5):
+        in_froc = res.slide_id not in exclude_set
+        sf = slide_froc(res, base_dir) if in_froc else None
+        if sf is not None:
+            froc_slides.append(sf)
+        per_slide.append(
+            {
+                "slide_id": res.slide_id,
+                "label": res.label,
+                "score": res.score,
+                "n_lesions": sf.n_lesions if sf else None,
+                "n_detections": len(res.lesions),
+                "tp": sf.tp if sf else None,
+                "fp": sf.fp if sf else None,
+                "itc_hits": sf.itc_hits if sf else None,
+                "n_itc": sf.n_itc if sf else None,
+                "in_froc": in_froc,
+            }
+        )
+    slides_df = pd.DataFrame(
+        per_slide,
+        columns=[
+            "slide_id", "label", "score", "n_lesions", "n_detections", "tp", "fp", "itc_hits",
+            "n_itc", "in_froc",
+        ],
+    ).astype({c: "Int64" for c in ("n_lesions", "tp", "fp", "itc_hits", "n_itc")})  # fmt: skip
+
+    # slide classification
+    y = np.array([r.label == "tumor" for r in results], dtype=np.int64)
+    s = np.array([r.score for r in results], dtype=np.float64)
+    auc = slide_auc(y, s)
+    if auc is None:
+        warn(f"AUC undefined: {len(results)} slides with only one class present")
+        roc = pd.DataFrame({"fpr": [], "tpr": [], "threshold": []})
+    else:
+        fpr, tpr, thr = roc_curve(y, s)
+        roc = pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": thr})
+
+    # lesion localisation
+    froc = cohort_froc(
+        froc_slides, fp_on_negative_only=fp_on_negative_only, interpolation=interpolation
+    )
+    if froc is None:
+        warn("FROC undefined: no non-ITC lesion (or no slide to count FPs on) among the slides")
+        froc_df = pd.DataFrame({"fp_per_slide": [], "sensitivity": [], "threshold": []})
+    else:
+        froc_df = pd.DataFrame(
+            {
+                "fp_per_slide": froc["fps"],
+                "sensitivity": froc["sensitivity"],
+                "threshold": froc["thresholds"],
+            }
+        )
+    boot = bootstrap_cis(
+        y,
+        s,
+        froc_slides,
+        n=bootstrap,
+        seed=seed,
+        fp_on_negative_only=fp_on_negative_only,
+        interpolation=interpolation,
+    )
+    outside = sum(sf.outside for sf in froc_slides)
+    if outside:
+        warn(f"{outside} detections lay outside their slide and were counted as FP")
+    checksums = sorted({r.model_checksum for r in results if r.model_checksum})
+    if len(checksums) > 1:
+        warn(f"slides were scored by {len(checksums)} different models: {checksums}")
+
+    metrics = {
+        "wsiscan_version": __version__,
+        "split": split,
+        "n_slides": len(results),
+        "n_tumor": int(y.sum()),
+        "n_normal": int(len(y) - y.sum()),
+        "auc": _json_float(auc),
+        "auc_ci95": boot["auc_ci95"],
+        "froc": _json_float(froc["score"]) if froc else None,
+        "froc_ci95": boot["froc_ci95"],
+        "sensitivity_at_fp": {
+            f"{r:g}": (float(froc["at"][k]) if froc else None) for k, r in enumerate(FROC_RATES)
+        },
+        "n_froc_slides": len(froc_slides),
+        "n_lesions": int(sum(sf.n_lesions for sf in froc_slides)),
+        "n_itc": int(sum(sf.n_itc for sf in froc_slides)),
+        "n_detections": int(sum(sf.n_detections for sf in froc_slides)),
+        "excluded": sorted(exclude_set & {r.slide_id for r in results}),
+        "missing": missing,
+        "bootstrap": {k: boot[k] for k in ("n", "seed", "n_valid_auc", "n_valid_froc")},
+        "config": {
+            "split": split,
+            "exclude": list(exclude),
+            "fp_on_negative_only": fp_on_negative_only,
+            "interpolation": interpolation,
+            "bootstrap": bootstrap,
+            "seed": seed,
+            "allow_missing": allow_missing,
+            "eval_downsample": EVAL_DOWNSAMPLE,
+            "growth_um": GROWTH_UM,
+            "itc_major_axis_um": ITC_MAJOR_AXIS_UM,
+            "froc_rates": list(FROC_RATES),
+        },
+        "model_checksums": checksums,
+        "warnings": warns,
+    }
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_csv(out_dir / "froc.csv", froc_df)
+    _write_csv(out_dir / "roc.csv", roc)
+    _write_csv(out_dir / "slides.csv", slides_df)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        _plot_froc(out_dir / "froc.png", froc, boot["froc_ci95"], FROC_RATES)
+        _plot_roc(out_dir / "roc.png", roc, auc, boot["auc_ci95"])
+    write_submission(out_dir / "submission", results)
+    write_json(out_dir / "metrics.json", metrics)
+    log.info(
+        "%d slides: AUC %s, FROC %s (%d lesions, %d ITC, %d FROC slides)",
+        len(results),
+        "n/a" if auc is None else f"{auc:.4f}",
+        "n/a" if froc is None else f"{froc['score']:.4f}",
+        metrics["n_lesions"],
+        metrics["n_itc"],
+        len(froc_slides),
+    )
+    return metrics

@@ -1,0 +1,528 @@
+"""ScanNet: the padding-free VGG16 fully convolutional network of Fast ScanNet (Lin et al.).
+
+The network is built from a layer list (:data:`wsiscan.geometry.ARCHITECTURES`), so its scan
+geometry (patch side ``Lf``, stride ``Sf``, valid ROI sides) is derived from the same definition
+the ROI grid uses. Every convolution has padding 0; a ``Lf x Lf`` input gives one output, an
+``Lr = Lf + n*Sf`` input gives ``(n+1) x (n+1)`` outputs at stride ``Sf`` that equal the patch
+classifier applied at stride ``Sf``.
+
+:meth:`ScanNet.forward_dense` is the single-pass dense mode ("anchor layers", a-trous): the last
+``log2(alpha)`` pools run with stride 1 and every later layer is dilated, so the same weights give
+the map at stride ``Sd = Sf/alpha`` in one pass.
+
+Checkpoints hold tensors plus a plain-typed config and load with ``torch.load(...,
+weights_only=True)`` only.
+
+Input images are normalised by :func:`to_tensor` (ImageNet mean/std) in every path: inference,
+training and the tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import pickle
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812 (the usual torch alias)
+from torch import nn
+
+from . import __version__
+from .errors import WsiscanError
+from .geometry import ARCHITECTURES, Geometry, LayerSpec, receptive_field
+
+#: ImageNet channel mean and standard deviation (RGB, on values scaled to [0, 1]).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: Format tag written into every checkpoint's config.
+CHECKPOINT_FORMAT = "wsiscan-scannet/1"
+
+N_CLASSES = 2
+
+
+class CheckpointError(WsiscanError):
+    """A model checkpoint (or an ImageNet weight file) cannot be used; names the file and cause."""
+
+    def __init__(self, path: str | Path, cause: str) -> None:
+        self.path = str(path)
+        self.cause = cause
+        super().__init__(f"model file {self.path}: {cause}")
+
+
+# -- input normalisation ---------------------------------------------------------------------------
+def to_tensor(
+    rgb_uint8_batch: np.ndarray | torch.Tensor,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Normalise RGB uint8 images ``(N, H, W, 3)`` (or one ``(H, W, 3)``) for the network.
+
+    Returns ``(N, 3, H, W)`` of ``dtype`` on ``device``: ``(x/255 - mean) / std`` with the ImageNet
+    mean/std. The uint8 data are moved to ``device`` first (4x less transfer than float), then
+    converted there. Every path (inference, training, tests) uses this one function.
+    """
+    x = torch.as_tensor(rgb_uint8_batch)
+    if x.dtype != torch.uint8:
+        raise TypeError(f"to_tensor expects uint8 RGB images, got {x.dtype}")
+    if x.ndim == 3:
+        x = x.unsqueeze(0)
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"to_tensor expects (N, H, W, 3) RGB images, got shape {tuple(x.shape)}")
+    if device is not None:
+        x = x.to(device, non_blocking=True)
+    x = x.permute(0, 3, 1, 2).to(dtype)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=dtype, device=x.device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(IMAGENET_STD, dtype=dtype, device=x.device).view(1, 3, 1, 1) * 255.0
+    return ((x - mean) / std).contiguous()
+
+
+# -- the network -----------------------------------------------------------------------------------
+def _scaled(channels: int, width: float) -> int:
+    return max(1, int(round(channels * width)))
+
+
+class ScanNet(nn.Module):
+    """Padding-free VGG-style FCN; logits ``(N, 2, h, w)`` at stride ``Sf``.
+
+    Parameters
+    ----------
+    arch:
+        Key of :data:`wsiscan.geometry.ARCHITECTURES` (``"vgg16"``).
+    width:
+        Channel multiplier (``1.0`` is the paper's network; the demo uses 1/8 or 1/4). Channels
+        are ``max(1, round(c * width))``; the final layer keeps 2 classes.
+    batchnorm:
+        BatchNorm after every convolution but the last (in eval mode it is an affine map, so
+        the patch/FCN equivalence is exact).
+    dropout:
+        Dropout probability after the head's hidden layers (``fc6``, ``fc7``) in training; the
+        identity in eval mode.
+
+    Parameter names follow torchvision: the trunk (every layer up to the last pool) is
+    ``features`` with torchvision's indices (``features.N.weight``/``bias`` and BatchNorm running
+    statistics), so a torchvision VGG16 / VGG16-BN state dict maps onto it; the head is ``head``
+    (``head.fc6``, ``head.fc6_bn``, ...).
+    """
+
+    def __init__(
+        self, arch: str = "vgg16", width: float = 1.0, batchnorm: bool = True, dropout: float = 0.5
+    ) -> None:
+        super().__init__()
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {arch!r}; known: {sorted(ARCHITECTURES)}")
+        if not (width > 0 and math.isfinite(width)):
+            raise ValueError(f"width must be a positive number, got {width}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.arch = arch
+        self.width = float(width)
+        self.batchnorm = bool(batchnorm)
+        self.dropout = float(dropout)
+        self.layers: list[LayerSpec] = list(ARCHITECTURES[arch]())
+        self.Lf, self.Sf = receptive_field(self.layers)
+
+        pools = [i for i, spec in enumerate(self.layers) if spec.kind == "pool"]
+        last_pool = pools[-1] if pools else -1
+        convs = [i for i, spec in enumerate(self.layers) if spec.kind == "conv"]
+        if not convs or convs[-1] != len(self.layers) - 1:
+            raise ValueError(f"architecture {arch!r} must end with a convolution (the classifier)")
+
+        self.features = nn.Sequential()
+        self.head = nn.Module()
+        # per layer: (conv, bn, relu, dropout) module handles, None for pools
+        self._mods: list[tuple[nn.Conv2d, nn.BatchNorm2d | None, bool, float] | None] = []
+        in_ch = 3
+        for i, spec in enumerate(self.layers):
+            if spec.kind == "pool":
+                self.features.append(nn.MaxPool2d(spec.kernel, spec.stride))
+                self._mods.append(None)
+                continue
+            final = i == len(self.layers) - 1
+            out_ch = N_CLASSES if final else _scaled(spec.out_channels, self.width)
+            conv = nn.Conv2d(in_ch, out_ch, spec.kernel, stride=spec.stride, padding=0)
+            bn = nn.BatchNorm2d(out_ch) if (self.batchnorm and not final) else None
+            in_trunk = i < last_pool
+            if in_trunk:
+                self.features.append(conv)
+                if bn is not None:
+                    self.features.append(bn)
+                self.features.append(nn.ReLU(inplace=True))
+                p_drop = 0.0
+            else:
+                name = spec.name or f"layer{i}"
+                self.head.add_module(name, conv)
+                if bn is not None:
+                    self.head.add_module(f"{name}_bn", bn)
+                p_drop = 0.0 if final else self.dropout
+            self._mods.append((conv, bn, not final, p_drop))
+            in_ch = out_ch
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Random init as torchvision's VGG: Kaiming-normal convs, BN (1, 0), final conv N(0, 0.01)."""
+        final = self._mods[-1][0] if self._mods[-1] else None
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                if m is final:
+                    nn.init.normal_(m.weight, 0.0, 0.01)
+                else:
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    # -- geometry --------------------------------------------------------------------------------
+    def geometry(self, n: int, alpha: int = 1) -> Geometry:
+        """The scan geometry of this network's layer list at ROI parameter ``n`` and ``alpha``."""
+        return Geometry.from_layers(self.layers, n=n, alpha=alpha, arch=self.arch)
+
+    def config(self) -> dict[str, Any]:
+        """Plain dict that rebuilds this network: arch, width, batchnorm, dropout, geometry."""
+        return {
+            "arch": self.arch,
+            "width": self.width,
+            "batchnorm": self.batchnorm,
+            "dropout": self.dropout,
+            "geometry": {"Lf": int(self.Lf), "Sf": int(self.Sf)},
+        }
+
+    # -- forward passes --------------------------------------------------------------------------
+    def dense_plan(self, alpha: int) -> list[tuple[int, int]]:
+        """Per layer ``(stride, dilation)`` of the single-pass network at dense factor ``alpha``.
+
+        The last strided layers (pools) whose strides multiply to ``alpha`` run with stride 1;
+        every layer after the first of them is dilated by the product of the strides removed
+        before it (pool kernels too). ``alpha = 1`` is the plain network.
+        """
+        alpha = int(alpha)
+        if alpha < 1:
+            raise ValueError(f"alpha must be >= 1, got {alpha}")
+        removed: set[int] = set()
+        product = 1
+        for i in reversed(range(len(self.layers))):
+            if product == alpha:
+                break
+            spec = self.layers[i]
+            if spec.stride > 1:
+                if spec.kind != "pool" or alpha % (product * spec.stride):
+                    break
+                removed.add(i)
+                product *= spec.stride
+        if product != alpha:
+            raise ValueError(
+                f"alpha={alpha} is not a product of the last pool strides of {self.arch} "
+                f"(total stride Sf={self.Sf})"
+            )
+        plan: list[tuple[int, int]] = []
+        dilation = 1
+        for i, spec in enumerate(self.layers):
+            if i in removed:
+                plan.append((1, dilation))
+                dilation *= spec.stride
+            else:
+                plan.append((spec.stride, dilation))
+        return plan
+
+    def _run(self, x: torch.Tensor, plan: list[tuple[int, int]]) -> torch.Tensor:
+        for spec, mods, (stride, dilation) in zip(self.layers, self._mods, plan, strict=True):
+            if mods is None:
+                x = F.max_pool2d(x, spec.kernel, stride=stride, dilation=dilation)
+                continue
+            conv, bn, relu, p_drop = mods
+            x = F.conv2d(x, conv.weight, conv.bias, stride=stride, dilation=dilation)
+            if bn is not None:
+                x = bn(x)
+            if relu:
+                x = F.relu(x, inplace=True)
+            if p_drop > 0.0 and self.training:
+                x = F.dropout(x, p_drop, training=True)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, 2, h, w)`` at stride ``Sf`` for a normalised input ``(N, 3, H, W)``.
+
+        A ``Lf x Lf`` input (244 for VGG16) gives ``1 x 1``; ``Lf + n*Sf`` gives ``(n+1)^2``.
+        """
+        return self._run(x, self.dense_plan(1))
+
+    def forward_dense(self, x: torch.Tensor, alpha: int) -> torch.Tensor:
+        """Single-pass dense logits at stride ``Sd = Sf/alpha`` (anchor layers / a-trous).
+
+        Same weights as :meth:`forward`; a block of side ``Lr + (alpha-1)*Sd`` gives
+        ``alpha*Lp`` outputs per side, equal to shift-and-stitch of ``alpha^2`` shifted ROIs.
+        """
+        return self._run(x, self.dense_plan(alpha))
+
+    @staticmethod
+    def tumour_probability(logits: torch.Tensor) -> torch.Tensor:
+        """Softmax over the class channel; returns channel 1 (tumour), shape ``(N, h, w)``."""
+        return torch.softmax(logits, dim=1)[:, 1]
+
+
+def tumour_probability(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the class channel of ``(N, 2, h, w)`` logits; the tumour channel ``(N, h, w)``."""
+    return ScanNet.tumour_probability(logits)
+
+
+# -- torchvision ImageNet weights ------------------------------------------------------------------
+def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "file not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        what = f"it holds the Python object {found.group(1)}" if found else "pickled objects?"
+        raise CheckpointError(
+            path, f"refused: the file does not load with torch.load(weights_only=True) ({what})"
+        )
+    except Exception as exc:  # torch raises many types for a file that is not a torch archive
+        raise CheckpointError(
+            path, f"not a readable torch file ({type(exc).__name__}: {str(exc)[:200]})"
+        )
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(path, f"expected a dict, found {type(obj).__name__}")
+    return obj  # type: ignore[return-value]
+
+
+def load_torchvision_vgg16(model: ScanNet, path: str | Path) -> list[str]:
+    """Load a torchvision-format VGG16 or VGG16-BN ImageNet state dict (local file) into the trunk.
+
+    The 13 trunk convolutions are matched in order (``features.N.weight``/``bias``); BatchNorm
+    parameters and running statistics are copied when both sides have BatchNorm; a VGG16-BN
+    file loaded into a model without BatchNorm has its BatchNorm folded into the convolutions
+    (exact in eval mode). The head (``fc6``-``fc8``) keeps its random init: torchvision's
+    classifier is a 25088->4096 linear layer, not ScanNet's 2x2 conv. Shapes must match, which
+    needs ``width = 1``. Returns the model's state-dict keys that were loaded.
+    """
+    src = _read_state_dict(path)
+    if "state_dict" in src and isinstance(src["state_dict"], Mapping):
+        src = src["state_dict"]
+    src = {k.removeprefix("module."): v for k, v in src.items() if isinstance(v, torch.Tensor)}
+
+    def src_index(key: str) -> int | None:
+        parts = key.split(".")
+        if len(parts) == 3 and parts[0] == "features" and parts[1].isdigit():
+            return int(parts[1])
+        return None
+
+    by_index: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in src.items():
+        idx = src_index(key)
+        if idx is not None:
+            by_index.setdefault(idx, {})[key.split(".")[2]] = value
+    src_convs: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]] = []
+    indices = sorted(by_index)
+    for j, idx in enumerate(indices):
+        entry = by_index[idx]
+        if "weight" in entry and entry["weight"].ndim == 4:
+            nxt = by_index.get(indices[j + 1]) if j + 1 < len(indices) else None
+            bn = nxt if nxt is not None and "running_mean" in nxt else None
+            src_convs.append((entry, bn))
+
+    trunk = [
+        (m, model.features[k + 1] if model.batchnorm else None, k)
+        for k, m in enumerate(model.features)
+        if isinstance(m, nn.Conv2d)
+    ]
+    if len(src_convs) != len(trunk):
+        raise CheckpointError(
+            path,
+            f"expected a torchvision VGG16 state dict with {len(trunk)} convolutions under "
+            f"'features.N.weight', found {len(src_convs)}",
+        )
+
+    loaded: list[str] = []
+    with torch.no_grad():
+        for n_conv, ((conv_src, bn_src), (conv, bn, k)) in enumerate(
+            zip(src_convs, trunk, strict=True), start=1
+        ):
+            w, b = conv_src["weight"], conv_src.get("bias")
+            if b is None:
+                b = torch.zeros(w.shape[0], dtype=w.dtype)
+            if tuple(w.shape) != tuple(conv.weight.shape) or tuple(b.shape) != tuple(
+                conv.bias.shape
+            ):
+                raise CheckpointError(
+                    path,
+                    f"convolution {n_conv} has shape {tuple(w.shape)} in the file but "
+                    f"{tuple(conv.weight.shape)} in the model (ImageNet weights need width 1; "
+                    f"this model has width {model.width})",
+                )
+            w = w.to(conv.weight.dtype)
+            b = b.to(conv.bias.dtype)
+            if bn_src is not None and bn is None:
+                # fold the file's BatchNorm into the conv: exact in eval mode
+                eps = 1e-5
+                scale = bn_src["weight"] / torch.sqrt(bn_src["running_var"] + eps)
+                w = w * scale.view(-1, 1, 1, 1)
+                b = (b - bn_src["running_mean"]) * scale + bn_src["bias"]
+            conv.weight.copy_(w)
+            conv.bias.copy_(b)
+            loaded += [f"features.{k}.weight", f"features.{k}.bias"]
+            if bn_src is not None and bn is not None:
+                for name in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(bn, name).copy_(bn_src[name])
+                    loaded.append(f"features.{k + 1}.{name}")
+                if "num_batches_tracked" in bn_src:
+                    bn.num_batches_tracked.copy_(bn_src["num_batches_tracked"])
+                    loaded.append(f"features.{k + 1}.num_batches_tracked")
+    return loaded
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+def file_checksum(path: str | Path) -> str:
+    """SHA-256 hex digest of a file's bytes (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _plain(value: Any, where: str) -> Any:
+    """Return ``value`` as plain Python types (numpy scalars converted); reject anything else."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"checkpoint meta key {where}.{k!r} must be a string")
+            out[k] = _plain(v, f"{where}.{k}")
+        return out
+    if isinstance(value, list | tuple):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    raise TypeError(
+        f"checkpoint meta {where} is a {type(value).__name__}; only plain types "
+        "(dict, list, str, int, float, bool, None) are allowed"
+    )
+
+
+def save_checkpoint(path: str | Path, model: ScanNet, meta: Mapping[str, Any] | None = None) -> str:
+    """Write ``{"state_dict", "config"}`` atomically to ``path``; return the file's SHA-256 hex.
+
+    ``config`` = :meth:`ScanNet.config` + ``format`` + ``wsiscan_version`` + ``meta`` (training
+    metadata, plain types only, stored under ``config["meta"]``). Tensors are saved on the CPU,
+    so the file loads with ``torch.load(path, weights_only=True)`` anywhere.
+    """
+    path = Path(path)
+    config = model.config()
+    config["format"] = CHECKPOINT_FORMAT
+    config["wsiscan_version"] = __version__
+    config["meta"] = _plain(dict(meta or {}), "meta")
+    state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save({"state_dict": state, "config": config}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return file_checksum(path)
+
+
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[ScanNet, dict[str, Any]]:
+    """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True`` only).
+
+    Returns ``(model in eval mode on map_location, config)``. A pickle payload, a file of another
+    format, an unknown architecture or mismatched shapes raise :class:`CheckpointError` naming the
+    file and the cause.
+    """
+    obj = _read_state_dict(path)
+    config, state = obj.get("config"), obj.get("state_dict")
+    if not isinstance(config, Mapping) or not isinstance(state, Mapping):
+        raise CheckpointError(
+            path, "not a wsiscan checkpoint (expected keys 'state_dict' and 'config')"
+        )
+    config = dict(config)
+    if config.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            path, f"checkpoint format {config.get('format')!r}, expected {CHECKPOINT_FORMAT!r}"
+        )
+    arch = config.get("arch")
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(
+            path, f"unknown architecture {arch!r}; this wsiscan knows {sorted(ARCHITECTURES)}"
+        )
+    try:
+        model = ScanNet(
+            arch=arch,
+            width=float(config["width"]),
+            batchnorm=bool(config["batchnorm"]),
+            dropout=float(config.get("dropout", 0.5)),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(path, f"invalid model config {config!r}: {exc}")
+    geo = config.get("geometry") or {}
+    if (geo.get("Lf"), geo.get("Sf")) != (model.Lf, model.Sf):
+        raise CheckpointError(
+            path,
+            f"geometry Lf={geo.get('Lf')}, Sf={geo.get('Sf')} in the file differs from "
+            f"{arch}'s Lf={model.Lf}, Sf={model.Sf} in this wsiscan",
+        )
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(
+            path,
+            f"state dict does not fit {arch} width={model.width} batchnorm={model.batchnorm}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}",
+        )
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise CheckpointError(
+                path,
+                f"tensor {key} has shape {tuple(value.shape)} in the file but "
+                f"{tuple(own[key].shape)} in {arch} width={model.width}",
+            )
+    model.load_state_dict(state)
+    model.to(map_location)
+    model.eval()
+    return model, config
+
+
+def init_model_checkpoint(
+    out: str | Path,
+    arch: str = "vgg16",
+    width: float = 1.0,
+    batchnorm: bool = True,
+    seed: int = 0,
+    imagenet_weights: str | Path | None = None,
+) -> dict[str, Any]:
+    """Write an untrained model checkpoint: random init from ``seed``, optionally ImageNet trunk.
+
+    Used when training is off. Returns ``{"path", "sha256", "loaded_keys", ...}``.
+    """
+    torch.manual_seed(int(seed))
+    model = ScanNet(arch=arch, width=width, batchnorm=batchnorm)
+    loaded: list[str] = []
+    meta: dict[str, Any] = {"init": "random", "seed": int(seed), "trained": False}
+    if imagenet_weights is not None:
+        loaded = load_torchvision_vgg16(model, imagenet_weights)
+        meta.update(
+            init="imagenet",
+            imagenet_weights=str(imagenet_weights),
+            imagenet_sha256=file_checksum(imagenet_weights),
+        )
+    sha = save_checkpoint(out, model, meta)
+    return {"path": str(out), "sha256": sha, "loaded_keys": len(loaded), **model.config(), **meta}

@@ -38,6 +38,9 @@ pytest: setup
 
 test: lint pytest ## lint, then the whole test suite
 
+slurm-test: setup ## only the real-SLURM test (root; installs munge/slurm from Debian packages)
+	$(BIN)/python -m pytest -q -m slurm tests/test_slurm.py
+
 benchmarks: setup ## the performance table (benchmarks/README.md)
 	$(BIN)/python -m benchmarks.run
 

@@ -1,5 +1,5 @@
-"""Run every benchmark, write ``benchmarks/results/<date>-<host>.json`` and refresh the table in
-``benchmarks/README.md``.
+"""Run every benchmark, write ``benchmarks/results/<date>T<time>-<host>.json`` and refresh the
+tables in ``benchmarks/README.md``.
 
 Each benchmark is a function ``bench(smoke: bool) -> dict`` registered in a module's ``BENCHMARKS``
 mapping; it returns ``{"figures": [{"name", "value", "unit", "goal"?, "met"?}, ...], ...details}``.
@@ -10,6 +10,14 @@ alone. Comparisons (A vs B) run both sides inside the same benchmark, so ratios 
     python -m benchmarks.run --smoke      # seconds: every harness on tiny inputs (part of the tests)
     python -m benchmarks.run --gpu        # the GPU benchmark (needs CUDA)
     python -m benchmarks.run --only fcn_vs_patch,dag
+    python -m benchmarks.run --readme-from benchmarks/results/<date>T<time>-<host>.json
+                                          # put a report made elsewhere (the GPU run) in the README
+
+Every full run merges its results into ``benchmarks/results/latest.json`` (the latest result of
+each benchmark, with its run) and redraws the two tables of benchmarks/README.md from it: CPU
+benchmarks between the ``results-table`` markers, GPU ones (names starting with ``gpu``) between
+the ``results-table-gpu`` markers. So ``--only`` runs and a report made on the GPU machine update
+their rows and leave the others.
 """
 
 from __future__ import annotations
@@ -20,16 +28,23 @@ import importlib
 import json
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 MODULES = ["bench_model", "bench_pipeline", "bench_train", "bench_dag", "bench_gpu"]
 TABLE_BEGIN = "<!-- results-table:begin -->"
 TABLE_END = "<!-- results-table:end -->"
+GPU_TABLE_BEGIN = "<!-- results-table-gpu:begin -->"
+GPU_TABLE_END = "<!-- results-table-gpu:end -->"
+#: The latest result of every benchmark, whichever run it came from (the README tables' source).
+LATEST = HERE / "results" / "latest.json"
 
 
 def registry() -> dict[str, tuple[str, str]]:
@@ -53,6 +68,13 @@ def run_one(name: str, smoke: bool) -> dict:
 
     mod, func = registry()[name]
     module = importlib.import_module(f"benchmarks.{mod}")
+    if smoke:  # a harness check, not a measurement: one torch thread stays fast on a busy machine
+        try:
+            import torch
+
+            torch.set_num_threads(1)
+        except ImportError:
+            pass
     t0 = time.perf_counter()
     result = getattr(module, func)(smoke=smoke)
     result["seconds"] = round(time.perf_counter() - t0, 3)
@@ -80,39 +102,167 @@ def machine() -> dict:
     return info
 
 
+def table_rows(report: dict, run: str | None = None) -> list[str]:
+    """Markdown table rows of every figure of a report (a last column ``run`` when given)."""
+    end = f" {run} |" if run is not None else ""
+    rows = []
+    for name, result in report["benchmarks"].items():
+        if "error" in result:
+            rows.append(f"| {name} | error | {result['error']} | | | no |{end}")
+            continue
+        for fig in result.get("figures", []):
+            met = fig.get("met")
+            rows.append(
+                f"| {name} | {fig['name']} | {fig['value']} | {fig.get('unit', '')} | "
+                f"{fig.get('goal', '')} | {'' if met is None else ('yes' if met else 'no')} |{end}"
+            )
+    return rows
+
+
 def render_table(report: dict) -> str:
-    """Markdown table of every figure of a report."""
+    """Markdown table of every figure of a report, under a line naming machine, date, command."""
     lines = [
-        f"Machine: `{report['machine']['platform']}`, {report['machine']['cpus']} CPUs"
-        + (f", {report['machine']['gpu']}" if "gpu" in report["machine"] else "")
-        + f"; date {report['date']}; command `{report['command']}`.",
+        f"Machine: {_machine_text(report['machine'])}; date {report['date']}; "
+        f"command `{report['command']}`.",
         "",
         "| benchmark | figure | value | unit | goal | met |",
         "|---|---|---|---|---|---|",
     ]
-    for name, result in report["benchmarks"].items():
-        if "error" in result:
-            lines.append(f"| {name} | error | {result['error']} | | | no |")
-            continue
-        for fig in result.get("figures", []):
-            met = fig.get("met")
-            lines.append(
-                f"| {name} | {fig['name']} | {fig['value']} | {fig.get('unit', '')} | "
-                f"{fig.get('goal', '')} | {'' if met is None else ('yes' if met else 'no')} |"
-            )
-    return "\n".join(lines)
+    return "\n".join(lines + table_rows(report))
 
 
-def update_readme(table: str, readme: Path = HERE / "README.md") -> None:
-    """Replace the table between the markers in benchmarks/README.md (append markers if absent)."""
+def update_readme(table: str, readme: Path = HERE / "README.md", gpu: bool = False) -> None:
+    """Replace the table between the markers in benchmarks/README.md (append markers if absent).
+
+    ``gpu`` selects the GPU table's markers instead of the CPU table's.
+    """
+    begin, end = (GPU_TABLE_BEGIN, GPU_TABLE_END) if gpu else (TABLE_BEGIN, TABLE_END)
     text = readme.read_text() if readme.exists() else "# Benchmarks\n"
-    block = f"{TABLE_BEGIN}\n{table}\n{TABLE_END}"
-    if TABLE_BEGIN in text and TABLE_END in text:
-        head, rest = text.split(TABLE_BEGIN, 1)
-        text = head + block + rest.split(TABLE_END, 1)[1]
+    block = f"{begin}\n{table}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
-        text = text.rstrip() + "\n\n## Latest results\n\n" + block + "\n"
+        title = "Latest GPU results" if gpu else "Latest results"
+        text = text.rstrip() + f"\n\n## {title}\n\n" + block + "\n"
     readme.write_text(text)
+
+
+def merge_latest(report: dict, path: Path = LATEST) -> dict:
+    """Record every benchmark of ``report`` as that benchmark's latest result (with the run's
+    date, machine and command) in ``path``, keeping the other benchmarks' entries; return all."""
+    latest = json.loads(path.read_text()) if path.exists() else {"benchmarks": {}}
+    for name, result in report["benchmarks"].items():
+        latest["benchmarks"][name] = {
+            "date": report["date"],
+            "machine": report["machine"],
+            "command": report["command"],
+            "load_average_start": report.get("load_average_start"),
+            "result": result,
+        }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_report(latest, path)
+    return latest
+
+
+def _machine_text(machine: dict) -> str:
+    text = f"`{machine.get('platform', '?')}`, {machine.get('cpus', '?')} CPUs"
+    return text + (f", {machine['gpu']}" if "gpu" in machine else "")
+
+
+def render_latest(latest: dict, gpu: bool) -> str:
+    """Markdown table of the latest result of every CPU (or GPU) benchmark, with the run each
+    comes from (R1, R2, ... listed below the table)."""
+    entries = {n: e for n, e in latest["benchmarks"].items() if n.startswith("gpu") == gpu}
+    if not entries:
+        return "No run recorded yet."
+    runs: dict[tuple[str, str, str, str], str] = {}
+    lines = [
+        "| benchmark | figure | value | unit | goal | met | run |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, entry in entries.items():
+        load = entry.get("load_average_start")
+        load_text = f", load average {load[0]:g} at the start" if load else ""
+        key = (entry["date"], _machine_text(entry["machine"]), load_text, entry["command"])
+        run = runs.setdefault(key, f"R{len(runs) + 1}")
+        lines += table_rows({"benchmarks": {name: entry["result"]}}, run)
+    lines.append("")
+    for (date, machine, load_text, command), run in runs.items():
+        lines.append(f"{run}: {date}, {machine}{load_text}; `{command}`.  ")
+    return "\n".join(lines).rstrip()
+
+
+def refresh_readme(report: dict, readme: Path = HERE / "README.md", latest: Path = LATEST) -> None:
+    """Merge ``report`` into the latest results and redraw both README tables from them."""
+    merged = merge_latest(report, latest)
+    update_readme(render_latest(merged, gpu=False), readme)
+    update_readme(render_latest(merged, gpu=True), readme, gpu=True)
+
+
+def run_child(name: str, smoke: bool, timeout_s: float | None = None) -> dict:
+    """Run benchmark ``name`` in a fresh process (its own session); return its result or
+    ``{"error": ...}``. The child's stderr streams through; on timeout its whole process group
+    (DataLoader workers included) is killed."""
+    cmd = [sys.executable, "-m", "benchmarks.run", "--one", name] + (["--smoke"] if smoke else [])
+    proc = subprocess.Popen(
+        cmd,
+        cwd=HERE.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    tail: deque[str] = deque(maxlen=50)
+    stdout: list[str] = []
+
+    def pump_stderr() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            tail.append(line)
+        sys.stderr.flush()
+
+    def pump_stdout() -> None:
+        assert proc.stdout is not None
+        stdout.append(proc.stdout.read())
+
+    readers = [threading.Thread(target=f, daemon=True) for f in (pump_stderr, pump_stdout)]
+    for reader in readers:
+        reader.start()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return {"error": f"timed out after {timeout_s:g} s"}
+    finally:
+        for reader in readers:
+            reader.join(timeout=10)
+    if proc.returncode != 0:
+        lines = [ln.strip() for ln in "".join(tail).replace("\r", "\n").splitlines() if ln.strip()]
+        cause = lines[-1][:300].replace("|", "/") if lines else ""
+        return {"error": f"exit {proc.returncode}: {cause}".rstrip(": ")}
+    lines = "".join(stdout).strip().splitlines()
+    if not lines:
+        return {"error": "the benchmark printed no result"}
+    return json.loads(lines[-1])
+
+
+def _plain(value: object) -> object:
+    """JSON fallback for numpy scalars and arrays and paths in benchmark results."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def write_report(report: dict, path: Path) -> None:
+    """Write the JSON report atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,13 +270,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny inputs, seconds (used by the tests)")
     p.add_argument("--gpu", action="store_true", help="run only the GPU benchmark")
     p.add_argument("--only", default="", help="comma-separated benchmark names")
-    p.add_argument("--out", type=Path, default=HERE / "results", help="folder for the JSON")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for the JSON (default benchmarks/results; smoke runs: benchmarks/results/tmp)",
+    )
     p.add_argument("--no-readme", action="store_true", help="do not touch benchmarks/README.md")
+    p.add_argument(
+        "--readme-from",
+        type=Path,
+        help="only put the table of this JSON report (e.g. one from the GPU machine) in the README",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds allowed per benchmark (default: no limit)",
+    )
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one benchmark, print JSON
     args = p.parse_args(argv)
+    if args.out is None:  # smoke reports are throw-away: keep them out of the committed folder
+        args.out = HERE / "results" / "tmp" if args.smoke else HERE / "results"
 
     if args.one:
-        print(json.dumps(run_one(args.one, args.smoke)))
+        print(json.dumps(run_one(args.one, args.smoke), default=_plain))
+        return 0
+    if args.readme_from:
+        report = json.loads(args.readme_from.read_text())
+        print(render_table(report))
+        refresh_readme(report)
         return 0
 
     names = list(registry())
@@ -136,31 +309,30 @@ def main(argv: list[str] | None = None) -> int:
         names = [n for n in names if n.startswith("gpu")]
     else:
         names = [n for n in names if not n.startswith("gpu")]
+    started = dt.datetime.now()
     report = {
-        "date": dt.date.today().isoformat(),
-        "command": "python -m benchmarks.run "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": started.date().isoformat(),
+        "started": started.isoformat(timespec="seconds"),
+        "command": " ".join(
+            ["python -m benchmarks.run", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "load_average_start": [round(v, 2) for v in os.getloadavg()],
         "smoke": args.smoke,
         "machine": machine(),
         "benchmarks": {},
     }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"{started:%Y-%m-%dT%H%M%S}-{report['machine']['host']}" + ("-smoke" * args.smoke)
+    out_json = args.out / f"{stem}.json"
     for name in names:
         print(f"== {name}", file=sys.stderr, flush=True)
-        cmd = [sys.executable, "-m", "benchmarks.run", "--one", name]
-        cmd += ["--smoke"] if args.smoke else []
-        proc = subprocess.run(cmd, cwd=HERE.parent, capture_output=True, text=True)
-        sys.stderr.write(proc.stderr[-4000:])
-        if proc.returncode != 0:
-            report["benchmarks"][name] = {"error": f"exit {proc.returncode}"}
-            continue
-        report["benchmarks"][name] = json.loads(proc.stdout.strip().splitlines()[-1])
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"{report['date']}-{report['machine']['host']}" + ("-smoke" if args.smoke else "")
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+        report["benchmarks"][name] = run_child(name, args.smoke, args.timeout)
+        write_report(report, out_json)  # after each benchmark: a killed run keeps what it had
+    write_report(report, out_json)
     table = render_table(report)
     print(table)
     if not args.no_readme and not args.smoke:
-        update_readme(table)
+        refresh_readme(report)
     failed = [n for n, r in report["benchmarks"].items() if "error" in r]
     return 1 if failed else 0
 

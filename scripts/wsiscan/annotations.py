@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import xml.etree.ElementTree as ET  # noqa: S405  (building and writing only; parsing uses defusedxml)
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import numpy as np
 from skimage.draw import polygon as draw_polygon
 
 from .errors import SlideError
+from .faults import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -125,20 +125,22 @@ def read_asap_xml(path: str | Path, slide_id: str | None = None) -> list[Annotat
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``<path>.tmp`` and rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
+    """Write ``data`` to ``<path>.tmp`` and rename it over ``path`` (no ``.tmp`` left on error)."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
-def write_asap_xml(path: str | Path, annotations: Sequence[Annotation]) -> None:
+def write_asap_xml(
+    path: str | Path, annotations: Sequence[Annotation], comment: str | None = None
+) -> None:
     """Write Camelyon16-style ASAP XML (``Type="Polygon"``, groups listed), atomically.
 
     Coordinates are written with ``repr`` precision so :func:`read_asap_xml` returns them exactly.
+    ``comment`` (e.g. provenance) goes into an XML comment at the top of the root element.
     """
     root = ET.Element("ASAP_Annotations")
+    if comment:
+        root.append(ET.Comment(" " + comment.replace("--", "- -") + " "))
     annos = ET.SubElement(root, "Annotations")
     for ann in annotations:
         xy = np.asarray(ann.level0_xy, dtype=np.float64)
@@ -256,12 +258,15 @@ def write_geojson(
     polygons_level0_xy: Sequence[np.ndarray],
     properties: Sequence[dict] | None = None,
     classification: str = "Tumor",
+    metadata: dict | None = None,
 ) -> None:
     """Write polygons as a QuPath-importable GeoJSON FeatureCollection, atomically.
 
     Each polygon (``(N, 2)`` level-0 ``x, y``, N >= 3) becomes a ``Polygon`` feature with a closed
     ring, ``properties.objectType = "annotation"`` and ``properties.classification`` (name and RGB
-    colour); ``properties[i]`` (if given) is merged into feature ``i``'s properties.
+    colour); ``properties[i]`` (if given) is merged into feature ``i``'s properties. ``metadata``
+    (provenance) is stored as the collection's foreign member ``"wsiscan"``, which GeoJSON readers
+    (QuPath included) ignore.
     """
     if properties is not None and len(properties) != len(polygons_level0_xy):
         raise ValueError(f"{len(properties)} property dicts for {len(polygons_level0_xy)} polygons")
@@ -289,5 +294,7 @@ def write_geojson(
                 "properties": props,
             }
         )
-    doc = {"type": "FeatureCollection", "features": features}
+    doc: dict = {"type": "FeatureCollection", "features": features}
+    if metadata:
+        doc["wsiscan"] = metadata
     _atomic_write_bytes(Path(path), json.dumps(doc, indent=1).encode("utf-8") + b"\n")

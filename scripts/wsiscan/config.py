@@ -50,6 +50,8 @@ def validate_config(config: dict, schema_dir: Path | None = None) -> dict:
     """
     from snakemake.utils import validate
 
+    raw_scan = config.get("scan") if isinstance(config, dict) else None
+    n_given = isinstance(raw_scan, dict) and raw_scan.get("n") is not None
     try:
         validate(config, _schema("config.schema.yaml", schema_dir))
     except Exception as exc:
@@ -57,7 +59,34 @@ def validate_config(config: dict, schema_dir: Path | None = None) -> dict:
         if err is None:
             raise
         raise ConfigError(f"invalid config: {_describe(err)}")
+    _resolve_scan_geometry(config["scan"], n_given)
     return config
+
+
+def _resolve_scan_geometry(scan: dict, n_given: bool) -> None:
+    """Check the scan geometry; ``scan.roi_side_px`` (when set) becomes ``scan.n`` in place.
+
+    The ROI side must be ``Lf + n*Sf`` of the network (``Geometry.for_roi_side``); a side that
+    is not, or one that disagrees with an explicit ``scan.n``, is a :class:`ConfigError`.
+    """
+    from .geometry import Geometry
+
+    side = scan.get("roi_side_px")
+    if side is not None:
+        try:
+            geo = Geometry.for_roi_side(scan["arch"], int(side), scan["alpha"])
+        except ValueError as exc:
+            raise ConfigError(f"invalid config: scan.roi_side_px: {exc}")
+        if n_given and scan["n"] != geo.n:
+            raise ConfigError(
+                f"invalid config: scan.n {scan['n']} (ROI side {geo.Lf + scan['n'] * geo.Sf} px) "
+                f"and scan.roi_side_px {side} (n = {geo.n}) disagree: give one of them"
+            )
+        scan["n"] = geo.n
+    try:
+        Geometry.for_arch(scan["arch"], n=scan["n"], alpha=scan["alpha"])
+    except ValueError as exc:
+        raise ConfigError(f"invalid config: scan: {exc}")
 
 
 def is_demo_slide(row: dict) -> bool:
@@ -96,15 +125,24 @@ def load_samples(
         raise ConfigError(f"{sheet_path}: the sample sheet has no rows")
     df = df[SHEET_COLUMNS].apply(lambda col: col.str.strip())
     base = Path(base_dir)
+    schema = _schema("samples.schema.yaml", schema_dir)
+    try:
+        validate(df, schema)  # one pass over the sheet; rows are re-checked only on failure
+        sheet_valid = True
+    except Exception as exc:
+        if _validation_error(exc) is None:
+            raise
+        sheet_valid = False
     for i, row in enumerate(df.to_dict("records")):
         where = f"{sheet_path} line {i + 2} (slide_id {row['slide_id']!r})"
-        try:
-            validate(pd.DataFrame([row]), _schema("samples.schema.yaml", schema_dir))
-        except Exception as exc:
-            err = _validation_error(exc)
-            if err is None:
-                raise
-            raise ConfigError(f"{where}: {_describe(err)}")
+        if not sheet_valid:
+            try:
+                validate(pd.DataFrame([row]), schema)
+            except Exception as exc:
+                err = _validation_error(exc)
+                if err is None:
+                    raise
+                raise ConfigError(f"{where}: {_describe(err)}")
         if is_demo_slide(row):
             continue
         for col in ("path", "annotation"):

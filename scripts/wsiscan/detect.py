@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ import numpy as np
 
 from . import __version__
 from .errors import SlideError
+from .faults import atomic_file, quarantine
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +46,11 @@ ASAP_DETECTION_GROUP = "_0"
 def atomic_output(path: str | Path) -> Iterator[Path]:
     """Yield ``<path>.tmp`` to write to; on success move it onto ``path`` (``os.replace``).
 
-    On an exception the temporary file is removed and ``path`` is left untouched.
+    On an exception the temporary file is removed and ``path`` is left untouched; a write error
+    is raised as :class:`wsiscan.faults.OutputWriteError` naming ``path``.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with atomic_file(path) as tmp:
         yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def write_json(path: str | Path, obj: object) -> None:
@@ -109,8 +103,8 @@ def read_probmap_attrs(path: str | Path, slide_id: str | None = None) -> dict:
     try:
         with h5py.File(path, "r") as f:
             attrs = {k: _attr(v) for k, v in f.attrs.items()}
-    except OSError as exc:
-        raise SlideError(slide_id, path, f"cannot read probability map: {exc}")
+    except (OSError, KeyError, RuntimeError) as exc:
+        raise quarantine(path, slide_id, "probability map is not a readable HDF5 file", exc)
     _check_attrs(attrs, path, slide_id)
     return attrs
 
@@ -139,8 +133,8 @@ def read_probmap(path: str | Path, slide_id: str | None = None) -> ProbMap:
                 raise SlideError(slide_id, path, "probability map has no 'prob' dataset")
             prob = np.asarray(f["prob"][...], dtype=np.float32)
             mask = np.asarray(f["mask"][...]).astype(bool) if "mask" in f else None
-    except OSError as exc:
-        raise SlideError(slide_id, path, f"cannot read probability map: {exc}")
+    except (OSError, KeyError, RuntimeError) as exc:
+        raise quarantine(path, slide_id, "probability map has unreadable data", exc)
     if prob.ndim != 2 or (mask is not None and mask.shape != prob.shape):
         shapes = f"prob {prob.shape}" + (f", mask {mask.shape}" if mask is not None else "")
         raise SlideError(slide_id, path, f"bad map shapes: {shapes}")
@@ -418,13 +412,17 @@ def _ring_area(ring: np.ndarray) -> float:
 
 
 def write_region_exports(
-    regions: list[Region], out_geojson: str | Path, out_xml: str | Path
+    regions: list[Region],
+    out_geojson: str | Path,
+    out_xml: str | Path,
+    provenance: dict | None = None,
 ) -> None:
     """Write ``regions`` as QuPath GeoJSON (classification Tumor) and ASAP XML (both atomic).
 
     GeoJSON features carry ``max_probability``, ``area_um2`` and ``n_cells``. ASAP annotations are
     named ``Detection <k> (p=<max>)`` in group :data:`ASAP_DETECTION_GROUP` (``_0``, the
-    Camelyon16 tumour group).
+    Camelyon16 tumour group). ``provenance`` (slide, model checksum, version, parameters) goes
+    into the GeoJSON's ``"wsiscan"`` member and an XML comment.
     """
     from .annotations import Annotation, write_asap_xml, write_geojson
 
@@ -437,12 +435,17 @@ def write_region_exports(
         }
         for r in regions
     ]
-    write_geojson(out_geojson, polygons, properties=props, classification="Tumor")
+    write_geojson(
+        out_geojson, polygons, properties=props, classification="Tumor", metadata=provenance
+    )
     anns = [
         Annotation(f"Detection {k} (p={r.max_probability:.3f})", ASAP_DETECTION_GROUP, poly[:-1])
         for k, (r, poly) in enumerate(zip(regions, polygons, strict=True))
     ]
-    write_asap_xml(out_xml, anns)
+    comment = None
+    if provenance:
+        comment = "wsiscan " + " ".join(f"{k}={v}" for k, v in provenance.items())
+    write_asap_xml(out_xml, anns, comment=comment)
 
 
 # -- the stage -------------------------------------------------------------------------------------
@@ -526,7 +529,13 @@ def detect_slide(
         "wsiscan_version": __version__,
     }
     write_lesions_csv(out_csv, points)
-    write_region_exports(regions, out_geojson, out_xml)
+    provenance_keys = (
+        "slide_id", "model_checksum", "wsiscan_version", "method", "threshold", "nms_radius_um",
+        "min_area_um2", "mask_threshold", "stride_px", "mpp",
+    )  # fmt: skip
+    write_region_exports(
+        regions, out_geojson, out_xml, provenance={k: record[k] for k in provenance_keys}
+    )
     write_json(out_score_json, record)
     log.info(
         "slide %s: score %.4f, %d lesion points (%s), %d regions",

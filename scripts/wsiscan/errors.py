@@ -24,3 +24,7 @@ class SlideError(WsiscanError):
 
 class ConfigError(WsiscanError):
     """The config or the sample sheet is invalid; the message names the key or the row."""
+
+
+class SlideIdError(ConfigError, ValueError):
+    """A slide ID outside ``[A-Za-z0-9._-]+`` (or ``.``/``..``): it would escape ``results/``."""

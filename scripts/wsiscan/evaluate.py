@@ -40,11 +40,13 @@ point at or below each FP rate).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import shutil
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +56,7 @@ import pandas as pd
 from . import __version__
 from .detect import atomic_output, read_probmap_attrs, write_json, write_lesions_csv
 from .errors import ConfigError, SlideError
+from .faults import describe_failure, failed_slides, failure_record_path, read_failure_record
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,11 @@ FROC_RATES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  #: FP per slide at which sensitivi
 INTERPOLATIONS = ("linear", "nearest")
 LABELS = ("tumor", "normal")
 SHEET_COLUMNS = ("slide_id", "path", "annotation", "label", "split")
+#: cause listed for a slide left out as failed whose failure record is gone by evaluation time
+RERUN_SINCE = (
+    "its per-slide job had failed when this run was planned and was re-run since: "
+    "run the workflow again to evaluate it"
+)
 #: a mask TIFF level read whole must fit in this many RGBA bytes
 MAX_MASK_LEVEL_BYTES = 1 << 30
 
@@ -116,22 +124,43 @@ def tumour_mask_from_annotation(
     *,
     slide_id: str | None = None,
     downsample: int = EVAL_DOWNSAMPLE,
+    warn: Callable[[str], None] | None = None,
 ) -> np.ndarray:
     """Tumour mask (bool, :func:`eval_mask_shape`) from ASAP XML (``.xml``) or a mask TIFF.
 
     XML: tumour groups (``Tumor``, ``_0``, ``_1``) minus exclusions (``_2``), rasterised at
-    ``downsample`` by :func:`wsiscan.annotations.rasterize`. Anything else: a Camelyon16
-    ground-truth mask TIFF (:func:`tumour_mask_from_tiff`).
+    ``downsample`` by :func:`wsiscan.annotations.rasterize`; polygons entirely outside the slide
+    are reported through ``warn`` (default: the log) and contribute nothing. Anything else: a
+    Camelyon16 ground-truth mask TIFF (:func:`tumour_mask_from_tiff`).
     """
     path = Path(path)
     if not path.is_file():
         raise SlideError(slide_id, path, "annotation file not found")
     shape = eval_mask_shape(slide_wh, downsample)
     if path.suffix.lower() == ".xml":
-        from .annotations import rasterize, read_asap_xml
+        from .annotations import TUMOUR_GROUPS, rasterize, read_asap_xml
 
         anns = read_asap_xml(path, slide_id=slide_id)
-        return np.asarray(rasterize(anns, shape, downsample), dtype=bool)
+        w, h = slide_wh
+        outside = [
+            a.name
+            for a in anns
+            if a.level0_xy[:, 0].min() >= w
+            or a.level0_xy[:, 1].min() >= h
+            or a.level0_xy[:, 0].max() < 0
+            or a.level0_xy[:, 1].max() < 0
+        ]
+        if outside:
+            (warn or log.warning)(
+                f"slide {slide_id}: {len(outside)} annotation polygon(s) of {path} lie outside "
+                f"the {w}x{h} px slide and are ignored: {outside[:5]}"
+            )
+        mask = np.asarray(rasterize(anns, shape, downsample), dtype=bool)
+        if not mask.any() and any(a.group in TUMOUR_GROUPS for a in anns):
+            (warn or log.warning)(
+                f"slide {slide_id}: the tumour annotation {path} covers no pixel of the slide"
+            )
+        return mask
     return tumour_mask_from_tiff(path, slide_wh, slide_id=slide_id, downsample=downsample)
 
 
@@ -502,8 +531,12 @@ def _read_slide(row: dict, results_dir: Path) -> SlideResult:
     )
 
 
-def slide_froc(res: SlideResult, base_dir: Path) -> SlideFROC:
-    """Evaluation mask (tumour slides), ITC labels and matched detections of one slide."""
+def slide_froc(
+    res: SlideResult, base_dir: Path, warn: Callable[[str], None] | None = None
+) -> SlideFROC:
+    """Evaluation mask (tumour slides), ITC labels and matched detections of one slide.
+
+    Annotation problems that do not stop the evaluation go to ``warn`` (default: the log)."""
     conf = res.lesions["confidence"].to_numpy()
     xy = res.lesions[["x", "y"]].to_numpy()
     if res.label != "tumor":
@@ -514,7 +547,7 @@ def slide_froc(res: SlideResult, base_dir: Path) -> SlideFROC:
         )
     path = Path(res.annotation)
     path = path if path.is_absolute() else base_dir / path
-    tumour = tumour_mask_from_annotation(path, res.slide_wh, slide_id=res.slide_id)
+    tumour = tumour_mask_from_annotation(path, res.slide_wh, slide_id=res.slide_id, warn=warn)
     labels = evaluation_mask(tumour, res.mpp)
     itc = itc_labels(labels, res.mpp)
     return match_detections(res.slide_id, conf, xy, labels, itc, is_tumour=True)
@@ -591,6 +624,17 @@ def write_submission(out_dir: Path, results: list[SlideResult]) -> None:
     tmp.rename(out_dir)
 
 
+def _model_provenance(model_path: str | Path | None) -> dict | None:
+    """``{"path", "sha256"}`` of the model checkpoint (sha256 None when the file is gone)."""
+    if model_path is None:
+        return None
+    path = Path(model_path)
+    if not path.is_file():
+        return {"path": str(path), "sha256": None}
+    with open(path, "rb") as fh:
+        return {"path": str(path), "sha256": hashlib.file_digest(fh, "sha256").hexdigest()}
+
+
 def _json_float(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
@@ -609,13 +653,23 @@ def evaluate_cohort(
     seed: int = 0,
     allow_missing: bool = False,
     base_dir: str | Path = ".",
+    config_checksum: str | None = None,
+    model_path: str | Path | None = None,
+    failed: Sequence[str] | None = None,
 ) -> dict:
     """Stage ``evaluate``: FROC (Camelyon16) and slide AUC of the ``split`` slides labelled
     tumor/normal in the sheet, from ``results_dir/<slide_id>/{lesions.csv,score.json,probmap.h5}``.
 
     ``exclude``: slide IDs left out of the FROC (not of the AUC). ``allow_missing``: slides whose
-    outputs are missing are listed in ``metrics.json`` instead of stopping the run. Annotation paths
-    in the sheet are relative to ``base_dir``. Writes into ``out_dir``: ``metrics.json``,
+    outputs are missing or unreadable, or whose per-slide job left a failure record
+    (``results_dir/<slide_id>/FAILED.json`` newer than its slide and annotation files, see
+    :func:`wsiscan.faults.failed_slides`), are listed under ``missing`` in ``metrics.json``
+    instead of stopping the run; ``failed`` (with ``allow_missing``) names those slides instead,
+    as the workflow does when it plans the run (:func:`wsiscan.faults.failed_slides`), so that
+    the evaluation reads exactly the slides it declared as inputs. Annotation paths in the sheet
+    are relative to ``base_dir``.
+    ``config_checksum`` and ``model_path`` (the checkpoint that scored the slides; its SHA-256 is
+    recorded) are provenance for ``metrics.json``. Writes into ``out_dir``: ``metrics.json``,
     ``froc.csv``, ``roc.csv``, ``slides.csv``, ``froc.png``, ``roc.png`` and ``submission/``;
     returns the metrics.
     """
@@ -642,20 +696,49 @@ def evaluate_cohort(
 
     results: list[SlideResult] = []
     missing: list[dict] = []
+    if failed is not None and not allow_missing and failed:
+        raise ConfigError("evaluate: --failed (slides to leave out) needs --allow-missing")
+    if failed is not None:  # the workflow decided which slides failed when it planned the run
+        records = {
+            sid: read_failure_record(failure_record_path(results_dir, sid))
+            or {"stage": None, "cause": RERUN_SINCE}
+            for sid in failed
+        }
+    elif allow_missing:
+        records = failed_slides(
+            results_dir,
+            {
+                r["slide_id"]: [base_dir / p for p in (r["path"], r["annotation"]) if p]
+                for r in rows
+            },
+        )
+    else:
+        records = {}
     for row in tqdm(rows, desc="reading results", unit="slide", mininterval=5):
+        sid = row["slide_id"]
+        record = records.get(sid)
+        if record is not None:
+            missing.append(
+                {"slide_id": sid, "stage": record.get("stage"), "cause": record.get("cause")}
+            )
+            warn(f"slide {sid}: left out: {describe_failure(record)}")
+            continue
         try:
             results.append(_read_slide(row, results_dir))
         except SlideError as exc:
+            earlier = read_failure_record(failure_record_path(results_dir, sid))
+            if earlier is not None:
+                exc = SlideError(sid, exc.path, f"{exc.cause} (its {describe_failure(earlier)})")
             if not allow_missing:
-                raise
-            missing.append({"slide_id": row["slide_id"], "cause": str(exc)})
-            warn(f"slide {row['slide_id']}: left out: {exc}")
+                raise exc from None
+            missing.append({"slide_id": sid, "stage": None, "cause": str(exc)})
+            warn(f"slide {sid}: left out: {exc}")
 
     froc_slides: list[SlideFROC] = []
     per_slide = []
     for res in tqdm(results, desc="FROC masks", unit="slide", mininterval=5):
         in_froc = res.slide_id not in exclude_set
-        sf = slide_froc(res, base_dir) if in_froc else None
+        sf = slide_froc(res, base_dir, warn) if in_froc else None
         if sf is not None:
             froc_slides.append(sf)
         per_slide.append(
@@ -756,8 +839,15 @@ def evaluate_cohort(
             "froc_rates": list(FROC_RATES),
         },
         "model_checksums": checksums,
+        "model": _model_provenance(model_path),
+        "config_checksum": config_checksum,
         "warnings": warns,
     }
+    if metrics["model"] and checksums and checksums != [metrics["model"]["sha256"]]:
+        warn(
+            f"slides were scored by {checksums}, not by the model {model_path} "
+            f"({metrics['model']['sha256']}): re-run the workflow"
+        )
 
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_csv(out_dir / "froc.csv", froc_df)

@@ -24,9 +24,10 @@ import numpy as np
 
 from . import __version__
 from .errors import SlideError
+from .faults import atomic_h5, quarantine
 from .geometry import Geometry
 from .slide import open_slide
-from .tissue import atomic_path, read_tissue_mask
+from .tissue import read_tissue_mask
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ def write_rois(
         grid_shape=np.asarray(result.grid_shape, dtype=np.int64),
         wsiscan_version=__version__,
     )
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    with atomic_h5(path) as (f, _):
         f.create_dataset("level0_xy", data=result.level0_xy.astype(np.int64).reshape(n, 2))
         f.create_dataset("grid_xy", data=result.grid_xy.astype(np.int64).reshape(n, 2))
         f.create_dataset("tissue_fraction", data=result.tissue_fraction.astype(np.float32))
@@ -220,8 +221,8 @@ def read_rois(
             attrs: dict[str, Any] = {k: _plain(v) for k, v in f.attrs.items()}
             missing = [k for k in ROI_DATASETS if k not in f]
             arrays = {k: f[k][()] for k in ROI_DATASETS if k in f}
-    except (OSError, KeyError, ValueError) as exc:
-        raise SlideError(slide_id, path, f"ROI grid file is not a readable HDF5 file: {exc}")
+    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+        raise quarantine(path, slide_id, "ROI grid file is not a readable HDF5 file", exc)
     who = slide_id or (str(attrs["slide_id"]) if "slide_id" in attrs else None)
     if missing:
         raise SlideError(who, path, f"ROI grid file lacks datasets {', '.join(missing)}")

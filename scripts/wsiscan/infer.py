@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import sys
 import time
@@ -29,7 +30,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import __version__
 from .dense import DENSE_MODES, dense_tiles
 from .errors import ConfigError, SlideError
+from .faults import OutputWriteError, atomic_h5
 from .geometry import Geometry
 from .model import to_tensor
 from .slide import Slide, check_slide_id, open_slide
@@ -89,7 +90,7 @@ class BlockDataset(Dataset):
             error = ""
         except SlideError as exc:
             rgb = np.zeros((side, side, 3), np.uint8)
-            error = f"block {index} at level0_xy=({x}, {y}): {exc.cause}"
+            error = f"block {index}: {exc.cause}"  # the cause names the region (level0_xy)
         return {"index": index, "rgb": torch.from_numpy(rgb), "error": error}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -156,13 +157,15 @@ def _progress(total: int, desc: str):
     from tqdm import tqdm
 
     tty = sys.stderr.isatty()
+    # in a log file: a line per ~10% of the blocks (and one at the end), so `tail` shows progress
+    steps = {} if tty else {"mininterval": 0.0, "miniters": max(1, math.ceil(total / 10))}
     return tqdm(
         total=total,
         desc=desc,
         unit="block",
         file=sys.stderr,
-        mininterval=0.5 if tty else 30.0,
         dynamic_ncols=tty,
+        **({"mininterval": 0.5} | steps),
     )
 
 
@@ -314,12 +317,10 @@ def _infer_slide(
     )
 
     out_h5 = Path(out_h5)
-    out_h5.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_h5.with_name(out_h5.name + ".tmp")
     np_dtype = np.dtype(tile_dtype)
     wait_s = compute_s = write_s = 0.0
     try:
-        with h5py.File(tmp, "w") as f:
+        with atomic_h5(out_h5) as (f, check_writes):  # <out>.tmp, renamed when complete
             out_attrs = dict(attrs)
             out_attrs.update(
                 model_checksum=model_sha,
@@ -354,6 +355,7 @@ def _infer_slide(
                     event.synchronize()
                 t1 = time.perf_counter()
                 tiles[index[0] : index[-1] + 1] = host.numpy().astype(np_dtype)
+                check_writes()  # a failed write (disk full) stops the run here
                 compute_s += t1 - t0
                 write_s += time.perf_counter() - t1
 
@@ -371,7 +373,7 @@ def _infer_slide(
                     wait_s += t0 - t_wait
                     errors = [e for e in batch["error"] if e]
                     if errors:
-                        raise SlideError(slide_id, slide_path, f"cannot read {errors[0]}")
+                        raise SlideError(slide_id, slide_path, errors[0])
                     index = batch["index"].numpy()
                     x = to_tensor(batch["rgb"], device=dev)
                     prob = dense_tiles(model, x, geometry.alpha, mode=dense_mode).float()
@@ -392,11 +394,16 @@ def _infer_slide(
                 if pending is not None:
                     flush(pending)
                     bar.update(len(pending[0]))
-        os.replace(tmp, out_h5)
+    except OutputWriteError as exc:  # disk full, file too large, I/O error
+        text = str(exc).strip()
+        raise SlideError(
+            slide_id,
+            out_h5,
+            "cannot write the tiles file (nothing was written): "
+            + (text.splitlines()[0] if text else type(exc).__name__),
+        ) from exc
     finally:
         dataset.close()
-        if tmp.exists():
-            tmp.unlink()
 
     wall_s = time.perf_counter() - t_start
     summary = {

@@ -281,7 +281,7 @@ def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", str(exc))
         what = f"it holds the Python object {found.group(1)}" if found else "pickled objects?"
         raise CheckpointError(
             path, f"refused: the file does not load with torch.load(weights_only=True) ({what})"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import SlideError
+from .errors import SlideError, SlideIdError
 
 SLIDE_ID_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 
@@ -20,7 +20,7 @@ SLIDE_ID_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 def check_slide_id(slide_id: str) -> str:
     """Return ``slide_id`` if it matches ``[A-Za-z0-9._-]+`` and is not ``.``/``..``; else raise."""
     if not SLIDE_ID_RE.match(slide_id) or slide_id in {".", ".."}:
-        raise ValueError(f"slide ID {slide_id!r} must match [A-Za-z0-9._-]+ (and not be . or ..)")
+        raise SlideIdError(f"slide ID {slide_id!r} must match [A-Za-z0-9._-]+ (and not be . or ..)")
     return slide_id
 
 
@@ -38,12 +38,17 @@ class Slide:
         self.path = Path(path)
         self.slide_id = slide_id or self.path.stem
         if not self.path.is_file():
-            raise SlideError(self.slide_id, self.path, "file not found")
+            what = "is a directory, not a slide file" if self.path.is_dir() else "file not found"
+            raise SlideError(self.slide_id, self.path, what)
         try:
             self._osr = openslide.OpenSlide(str(self.path))
         except openslide.OpenSlideUnsupportedFormatError:
-            raise SlideError(self.slide_id, self.path, "not a slide format OpenSlide can read")
+            raise SlideError(self.slide_id, self.path, _unsupported_cause(self.path))
         except openslide.OpenSlideError as exc:
+            short = "Short read" in str(exc) or "truncated" in str(exc).lower()
+            what = "the file is truncated (an interrupted copy?)" if short else "cannot open slide"
+            raise SlideError(self.slide_id, self.path, f"{what}: {exc}")
+        except OSError as exc:  # e.g. permission denied
             raise SlideError(self.slide_id, self.path, f"cannot open slide: {exc}")
         self.mpp = self._resolve_mpp(mpp_fallback)
 
@@ -113,7 +118,10 @@ class Slide:
             rgba = np.asarray(self._osr.read_region((x0, y0), level, (w, h)))
         except openslide.OpenSlideError as exc:
             raise SlideError(
-                self.slide_id, self.path, f"cannot read region at level0_xy=({x0}, {y0}): {exc}"
+                self.slide_id,
+                self.path,
+                f"cannot read the {w}x{h} px region at level {level}, level0_xy=({x0}, {y0}) "
+                f"(a damaged tile?): {exc}",
             )
         return _rgba_to_rgb_on_white(rgba)
 
@@ -133,6 +141,26 @@ class Slide:
 
     def __repr__(self) -> str:
         return f"Slide({self.slide_id!r}, {self.dimensions}, mpp={self.mpp:.4g})"
+
+
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _unsupported_cause(path: Path) -> str:
+    """Why OpenSlide rejected ``path``, from its first bytes: empty, a damaged TIFF or other."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+    except OSError as exc:
+        return f"cannot read the file: {exc}"
+    if not head:
+        return "the file is empty (0 bytes): not a slide"
+    if head[:4] in _TIFF_MAGIC:
+        return (
+            "a TIFF file that OpenSlide cannot read: truncated or damaged (an interrupted "
+            "copy?), or not a tiled pyramid"
+        )
+    return f"not a slide format OpenSlide can read (the file starts with {head[:8]!r})"
 
 
 def _rgba_to_rgb_on_white(rgba: np.ndarray) -> np.ndarray:

@@ -32,6 +32,7 @@ import numpy as np
 
 from . import __version__
 from .errors import SlideError
+from .faults import OutputWriteError, atomic_h5, quarantine
 from .geometry import Geometry
 from .slide import check_slide_id
 
@@ -91,6 +92,11 @@ def mask_in_strips(
 
 
 # -- I/O -----------------------------------------------------------------------------------------
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _attr(value: Any) -> Any:
     if isinstance(value, bytes):
         return value.decode()
@@ -110,8 +116,8 @@ def read_tiles_meta(tiles_h5: str | Path, slide_id: str) -> tuple[dict[str, Any]
         with h5py.File(tiles_h5, "r") as f:
             attrs = {k: _attr(v) for k, v in f.attrs.items()}
             shapes = {k: f[k].shape for k in ("tiles", "grid_xy") if k in f}
-    except OSError as exc:
-        raise SlideError(slide_id, tiles_h5, f"tiles file is not a readable HDF5 file: {exc}")
+    except (OSError, KeyError, RuntimeError) as exc:
+        raise quarantine(tiles_h5, slide_id, "tiles file is not a readable HDF5 file", exc)
     if set(shapes) != {"tiles", "grid_xy"}:
         raise SlideError(slide_id, tiles_h5, "tiles file lacks the datasets tiles and grid_xy")
     if attrs.get("slide_id") != slide_id:
@@ -291,13 +297,20 @@ def stitch_slide(
     block_rows_per_strip = max(1, math.ceil((strip_rows or MIN_STRIP_ROWS) / T))
     strip_h = block_rows_per_strip * T
     out_h5 = Path(out_h5)
-    out_h5.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_h5.with_name(out_h5.name + ".tmp")
     placed = skipped = mask_cells = 0
     max_prob = 0.0
+
+    def read(dataset, index) -> np.ndarray:
+        """``dataset[index]``; unreadable (corrupt) data moves the tiles file aside."""
+        try:
+            return dataset[index]
+        except (OSError, KeyError, RuntimeError) as exc:
+            raise quarantine(tiles_h5, slide_id, "tiles file has unreadable data", exc)
+
     try:
-        with h5py.File(tiles_h5, "r") as src, h5py.File(tmp, "w") as dst:
-            grid_xy = src["grid_xy"][()].astype(np.int64).reshape(-1, 2)
+        # the map is written to <out>.tmp and renamed when complete
+        with h5py.File(tiles_h5, "r") as src, atomic_h5(out_h5) as (dst, check_writes):
+            grid_xy = read(src["grid_xy"], ()).astype(np.int64).reshape(-1, 2)
             tiles = src["tiles"]
             chunks = (min(strip_h, rows), min(512, cols))
             opts = {"chunks": chunks, "compression": "gzip", "compression_opts": 1, "shuffle": True}
@@ -323,12 +336,14 @@ def stitch_slide(
                     bx, by = int(bx_all[k]), int(by_all[k])
                     y0, x0 = by * T - r0, bx * T
                     h, w = min(T, (r1 - r0) - y0), min(T, cols - x0)
-                    buffer[y0 : y0 + h, x0 : x0 + w] = tiles[int(k), :h, :w]
+                    buffer[y0 : y0 + h, x0 : x0 + w] = read(tiles, np.s_[int(k), :h, :w])
                     placed += 1
                 prob_ds[r0:r1] = buffer
+                check_writes()  # a failed write (disk full) stops the run here
                 max_prob = max(max_prob, float(buffer.max(initial=0.0)))
 
             mask_cells = mask_in_strips(prob_ds, mask_ds, threshold, open_r, close_r, strip_h)
+            check_writes()
 
             out_attrs: dict[str, Any] = dict(geometry.as_attrs())
             out_attrs.update(
@@ -359,11 +374,20 @@ def stitch_slide(
             )
             mask_ds.attrs["description"] = "prob >= threshold, opened then closed (disk radii)"
             if qc_png is not None:
-                _qc_heatmap(Path(qc_png), prob_ds, sd, (W, H), slide_id, threshold, thumb)
-        os.replace(tmp, out_h5)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+                try:
+                    _qc_heatmap(Path(qc_png), prob_ds, sd, (W, H), slide_id, threshold, thumb)
+                except OSError as exc:
+                    raise SlideError(
+                        slide_id,
+                        qc_png,
+                        f"cannot write the QC heat map (nothing was written): {_first_line(exc)}",
+                    ) from exc
+    except OutputWriteError as exc:  # disk full, file too large, I/O error
+        raise SlideError(
+            slide_id,
+            out_h5,
+            f"cannot write the probability map (nothing was written): {_first_line(exc)}",
+        ) from exc
 
     summary = {
         "slide_id": slide_id,

@@ -40,7 +40,6 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -58,6 +57,7 @@ from skimage.transform import downscale_local_mean
 
 from . import __version__
 from .errors import SlideError
+from .faults import atomic_file
 from .slide import Slide, open_slide
 
 log = logging.getLogger(__name__)
@@ -345,15 +345,12 @@ def _progress(items: range, desc: str):
 # -- files ---------------------------------------------------------------------------------------
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield ``<path>.tmp`` to write to; on success replace ``path`` with it, else delete it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    """Yield ``<path>.tmp`` to write to; on success replace ``path`` with it, else delete it.
+
+    A write error is raised as :class:`wsiscan.faults.OutputWriteError` naming ``path``.
+    """
+    with atomic_file(path) as tmp:
         yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_tissue_mask(path: str | Path, mask: np.ndarray, meta: dict[str, object]) -> None:

@@ -24,8 +24,10 @@ rule detect:
         threshold=config["detect"]["threshold"],
         nms_radius_um=config["detect"]["nms_radius_um"],
         min_area_um2=config["detect"]["min_area_um2"],
+        failure_record=failure_record,
     shell:
-        "wsiscan detect --probmap {input.probmap:q} --slide-id {wildcards.slide:q}"
+        "wsiscan --failure-record {params.failure_record:q} detect"
+        " --probmap {input.probmap:q} --slide-id {wildcards.slide:q}"
         " --out-csv {output.lesions:q} --out-score {output.score:q}"
         " --out-geojson {output.geojson:q} --out-xml {output.xml:q} --method {params.method}"
         " --threshold {params.threshold} --nms-radius-um {params.nms_radius_um}"

@@ -1,13 +1,16 @@
 # Cohort evaluation by the Camelyon16 protocol: FROC, slide AUC, bootstrap CIs, plots, submission.
 
 
+# With evaluate.allow_missing, slides whose per-slide job failed before (results/{slide}/FAILED.json
+# newer than their slide file) are left out of the inputs; metrics.json lists them as missing.
 rule evaluate:
     input:
         sheet=config["samples"],
-        lesions=expand("results/{slide}/lesions.csv", slide=labelled_slides()),
-        scores=expand("results/{slide}/score.json", slide=labelled_slides()),
-        probmaps=expand("results/{slide}/probmap.h5", slide=labelled_slides()),
-        annotations=[a for a in SAMPLES.loc[labelled_slides(), "annotation"] if a],
+        lesions=expand("results/{slide}/lesions.csv", slide=evaluated_slides()),
+        scores=expand("results/{slide}/score.json", slide=evaluated_slides()),
+        probmaps=expand("results/{slide}/probmap.h5", slide=evaluated_slides()),
+        annotations=[a for a in SAMPLES.loc[evaluated_slides(), "annotation"] if a],
+        model=model_file(),
     output:
         metrics="results/cohort/metrics.json",
         froc="results/cohort/froc.csv",
@@ -44,8 +47,15 @@ rule evaluate:
         bootstrap=EVAL["bootstrap"],
         seed=EVAL["seed"],
         allow_missing="--allow-missing" if EVAL["allow_missing"] else [],
+        config_checksum=CONFIG_CHECKSUM,
+        failed=(
+            ["--failed", *sorted(set(labelled_slides()) - set(evaluated_slides()))]
+            if EVAL["allow_missing"]
+            else []
+        ),
     shell:
         "wsiscan evaluate --sheet {input.sheet:q} --results results --out results/cohort"
         " --split {params.split} --exclude {params.exclude:q} {params.fp_on_negative_only}"
         " --interpolation {params.interpolation} --bootstrap {params.bootstrap}"
-        " --seed {params.seed} {params.allow_missing} > {log:q} 2>&1"
+        " --seed {params.seed} {params.allow_missing} {params.failed:q} --model {input.model:q}"
+        " --config-checksum {params.config_checksum} > {log:q} 2>&1"

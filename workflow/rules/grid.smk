@@ -23,7 +23,9 @@ rule roi_grid:
         alpha=config["scan"]["alpha"],
         min_tissue_fraction=config["scan"]["min_tissue_fraction"],
         mpp_fallback=mpp_fallback_arg,
+        failure_record=failure_record,
     shell:
-        "wsiscan grid --slide {input.slide:q} --slide-id {wildcards.slide:q} --mask {input.mask:q}"
+        "wsiscan --failure-record {params.failure_record:q} grid"
+        " --slide {input.slide:q} --slide-id {wildcards.slide:q} --mask {input.mask:q}"
         " --out {output.rois:q} --arch {params.arch} --n {params.n} --alpha {params.alpha}"
         " --min-tissue-fraction {params.min_tissue_fraction} {params.mpp_fallback} > {log:q} 2>&1"

@@ -27,8 +27,10 @@ rule infer:
         tile_dtype=config["infer"]["tile_dtype"],
         dense_mode=config["infer"]["dense_mode"],
         mpp_fallback=mpp_fallback_arg,
+        failure_record=failure_record,
     shell:
-        "wsiscan infer --slide {input.slide:q} --slide-id {wildcards.slide:q} --rois {input.rois:q}"
+        "wsiscan --failure-record {params.failure_record:q} infer"
+        " --slide {input.slide:q} --slide-id {wildcards.slide:q} --rois {input.rois:q}"
         " --model {input.model:q} --out {output.tiles:q} --batch-size {params.batch_size}"
         " --workers {params.workers} --device {params.device} {params.amp}"
         " --tile-dtype {params.tile_dtype} --dense-mode {params.dense_mode}"

@@ -28,8 +28,10 @@ rule stitch:
         opening_um=config["stitch"]["opening_um"],
         closing_um=config["stitch"]["closing_um"],
         mpp_fallback=mpp_fallback_arg,
+        failure_record=failure_record,
     shell:
-        "wsiscan stitch --slide {input.slide:q} --slide-id {wildcards.slide:q}"
+        "wsiscan --failure-record {params.failure_record:q} stitch"
+        " --slide {input.slide:q} --slide-id {wildcards.slide:q}"
         " --tiles {input.tiles:q} --out {output.probmap:q} --qc {output.qc:q}"
         " --threshold {params.threshold} --opening-um {params.opening_um}"
         " --closing-um {params.closing_um} {params.mpp_fallback} > {log:q} 2>&1"

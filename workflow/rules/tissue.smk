@@ -29,8 +29,10 @@ rule tissue_mask:
         min_area_um2=config["tissue"]["min_area_um2"],
         hole_area_um2=config["tissue"]["hole_area_um2"],
         mpp_fallback=mpp_fallback_arg,
+        failure_record=failure_record,
     shell:
-        "wsiscan mask --slide {input.slide:q} --slide-id {wildcards.slide:q}"
+        "wsiscan --failure-record {params.failure_record:q} mask"
+        " --slide {input.slide:q} --slide-id {wildcards.slide:q}"
         " --out-mask {output.mask:q} --out-qc {output.qc:q} --target-mpp {params.target_mpp}"
         " --method {params.method} --closing-um {params.closing_um}"
         " --min-area-um2 {params.min_area_um2} --hole-area-um2 {params.hole_area_um2}"

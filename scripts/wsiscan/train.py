@@ -1,0 +1,1437 @@
+"""Training: patch-centre samples, the prefetching patch trainer, and the sample tables it reads.
+
+Three parts, one per workflow stage (hard-negative mining is :mod:`wsiscan.mining`):
+
+* **Samples** (``train_samples``): level-0 patch *centres* on the training slides. Positives lie
+  inside the tumour annotations (``Tumor``/``_0``/``_1`` minus ``_2`` exclusions) at least
+  ``positive_margin_um`` from the tumour border; negatives lie in tissue at least
+  ``negative_margin_um`` away from any tumour, on tumour and normal slides alike. Candidates are
+  the centres of a raster laid over the slide at ``raster_mpp`` um/px (capped so the raster stays
+  small on gigapixel slides); each slide gets an equal share of the positives (tumour slides) and
+  of the negatives (all slides), water-filled when a slide has fewer candidates than its share;
+  centres are drawn without replacement. A slide-level validation split (stratified by label) is
+  stored with the samples so every round validates on the same held-out slides. Deterministic
+  from the seed (per-slide generators seeded from the seed and a hash of the slide ID).
+* **Sample tables** (``samples.h5``, ``hard_negatives.h5``): datasets ``level0_xy`` (N, 2) int64
+  patch centres, ``label`` (N,) uint8 (1 tumour, 0 normal), ``slide_index`` (N,) int32 into the
+  slide table ``slide_id``/``slide_path``/``slide_label``/``slide_is_val``; hard negatives also
+  ``probability`` (N,) float32; attributes ``Lf``, ``Sf``, ``arch``, ``seed`` and the parameters.
+* **Trainer** (``train_round``): a :class:`torch.utils.data.DataLoader` whose worker processes
+  (the producers) open the slides lazily and read ``Lf x Lf`` level-0 patches centred on the
+  samples (patch top-left = centre - ``Lf // 2``, the same patch the dense map scores for a cell
+  centre), augment them (flips, 90-degree rotations, colour jitter) and hand uint8 batches
+  (pinned on CUDA) to the main process (the consumer), which normalises them with
+  :func:`wsiscan.model.to_tensor` and trains. Mixed precision on CUDA. Validation by slide.
+  A checkpoint (model, optimizer, scaler, epoch, RNG state, history) is written atomically after
+  each epoch and a re-run resumes from it when it belongs to the same training set-up.
+
+Augmentation is seeded per sample from ``(seed, round, epoch, sample index)``, so results do not
+depend on the number of loader workers or on resuming.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from scipy import ndimage as ndi
+
+from . import __version__
+from .errors import ConfigError, SlideError
+from .geometry import ARCHITECTURES, receptive_field
+from .slide import Slide, check_slide_id, open_slide
+from .tissue import atomic_path
+
+log = logging.getLogger(__name__)
+
+LABEL_TUMOUR = 1
+LABEL_NORMAL = 0
+SLIDE_LABELS = ("tumor", "normal")
+SAMPLES_FORMAT = "wsiscan-samples/1"
+CHECKPOINT_FORMAT = "wsiscan-train-state/1"
+MAX_RASTER_SIDE = 8192
+#: ITU-R BT.601 luma weights (grey for contrast and saturation jitter).
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+_RGB_TO_YIQ = np.array(
+    [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=np.float64
+)
+_YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
+
+
+# == samples ======================================================================================
+@dataclass(frozen=True)
+class TrainSlide:
+    """One training slide: ID, slide file, label (tumor|normal), annotation XML, tissue mask PNG."""
+
+    slide_id: str
+    path: str
+    label: str
+    mask: str
+    annotation: str | None = None
+
+    def __post_init__(self) -> None:
+        check_slide_id(self.slide_id)
+        if self.label not in SLIDE_LABELS:
+            raise ConfigError(
+                f"slide {self.slide_id!r}: training label must be one of {SLIDE_LABELS}, "
+                f"got {self.label!r}"
+            )
+
+
+@dataclass(frozen=True)
+class SampleParams:
+    """How ``train_samples`` draws patch centres (sizes in um, counts over all slides)."""
+
+    n_samples: int = 4000
+    positive_fraction: float = 0.5
+    positive_margin_um: float = 20.0
+    negative_margin_um: float = 50.0
+    raster_mpp: float = 4.0
+    val_fraction: float = 0.2
+    seed: int = 0
+    max_raster_side: int = MAX_RASTER_SIDE
+
+    def __post_init__(self) -> None:
+        if self.n_samples < 1:
+            raise ConfigError(f"train.samples must be >= 1, got {self.n_samples}")
+        if not 0.0 < self.positive_fraction < 1.0:
+            raise ConfigError(
+                f"train.positive_fraction must be in (0, 1), got {self.positive_fraction}"
+            )
+        if self.positive_margin_um < 0 or self.negative_margin_um < 0:
+            raise ConfigError("train.positive_margin_um and negative_margin_um must be >= 0")
+        if self.raster_mpp <= 0:
+            raise ConfigError(f"train.raster_mpp must be > 0, got {self.raster_mpp}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"train.val_fraction must be in [0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class SampleTable:
+    """Patch centres with labels and their slide table (the content of samples.h5)."""
+
+    slide_id: list[str]
+    slide_path: list[str]
+    slide_label: list[str]
+    slide_is_val: np.ndarray  # (S,) bool
+    slide_annotation: list[str]  # annotation XML per slide, "" for none
+    level0_xy: np.ndarray  # (N, 2) int64 x, y patch centres
+    label: np.ndarray  # (N,) uint8
+    slide_index: np.ndarray  # (N,) int32
+    probability: np.ndarray | None = None  # (N,) float32, hard negatives only
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.label.shape[0])
+
+    @property
+    def is_val(self) -> np.ndarray:
+        """(N,) bool: the sample lies on a validation slide."""
+        return self.slide_is_val[self.slide_index] if len(self) else np.zeros(0, bool)
+
+
+def stable_rng(seed: int, *keys: str | int) -> np.random.Generator:
+    """A numpy Generator seeded from ``seed`` and keys (strings hashed with SHA-256, not hash())."""
+    entropy = [int(seed) & 0xFFFFFFFF]
+    for key in keys:
+        if isinstance(key, str):
+            entropy.append(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little"))
+        else:
+            entropy.append(int(key) & 0xFFFFFFFFFFFFFFFF)
+    return np.random.default_rng(np.random.SeedSequence(entropy))
+
+
+def raster_downsample(
+    slide_wh: tuple[int, int], mpp: float, raster_mpp: float, max_side: int = MAX_RASTER_SIDE
+) -> float:
+    """Level-0 px per raster px: ``raster_mpp / mpp``, coarsened so no raster side > ``max_side``."""
+    ds = raster_mpp / mpp
+    return max(ds, max(slide_wh) / max_side, 1.0)
+
+
+def raster_centres_level0(
+    rows: np.ndarray, cols: np.ndarray, downsample: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Level-0 ``(x, y)`` (int64) of raster pixel centres ``(rows, cols)`` at ``downsample``."""
+    x = np.floor((cols + 0.5) * downsample).astype(np.int64)
+    y = np.floor((rows + 0.5) * downsample).astype(np.int64)
+    return x, y
+
+
+def tissue_on_raster(
+    mask: np.ndarray, mask_downsample_xy: tuple[float, float], shape_hw: tuple[int, int], ds: float
+) -> np.ndarray:
+    """The tissue mask sampled at the raster's pixel centres (bool ``shape_hw``)."""
+    rows = np.arange(shape_hw[0])
+    cols = np.arange(shape_hw[1])
+    x, _ = raster_centres_level0(np.zeros_like(cols), cols, ds)
+    _, y = raster_centres_level0(rows, np.zeros_like(rows), ds)
+    h, w = mask.shape
+    c = np.clip(np.floor(x / mask_downsample_xy[0]).astype(np.int64), 0, w - 1)
+    r = np.clip(np.floor(y / mask_downsample_xy[1]).astype(np.int64), 0, h - 1)
+    return mask[np.ix_(r, c)]
+
+
+def border_distance_um(
+    tumour: np.ndarray, raster_um: float, reach_um: float
+) -> tuple[np.ndarray, np.ndarray, tuple[slice, slice]]:
+    """Conservative distances to the tumour border, computed on the tumour's bounding box.
+
+    Returns ``(inside_um, outside_um, window)``: for raster pixels in ``window`` (the tumour's
+    bounding box grown by ``reach_um``), the distance of each tumour pixel's centre to the border
+    (``inside_um``) and of each other pixel's centre to the nearest tumour (``outside_um``), both
+    lower bounds (the Euclidean distance transform minus one pixel). Outside the raster counts as
+    non-tumour, so tumour touching the raster edge has a border there.
+    """
+    rows = np.flatnonzero(tumour.any(axis=1))
+    cols = np.flatnonzero(tumour.any(axis=0))
+    pad = int(math.ceil(reach_um / raster_um)) + 2
+    r0, r1 = max(rows[0] - pad, 0), min(rows[-1] + pad + 1, tumour.shape[0])
+    c0, c1 = max(cols[0] - pad, 0), min(cols[-1] + pad + 1, tumour.shape[1])
+    sub = np.pad(tumour[r0:r1, c0:c1], 1, constant_values=False)
+    inside = (ndi.distance_transform_edt(sub)[1:-1, 1:-1] - 1.0) * raster_um
+    outside = (ndi.distance_transform_edt(~sub)[1:-1, 1:-1] - 1.0) * raster_um
+    return inside, outside, (slice(r0, r1), slice(c0, c1))
+
+
+def candidate_masks(
+    tumour: np.ndarray,
+    tissue: np.ndarray,
+    raster_um: float,
+    positive_margin_um: float,
+    negative_margin_um: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Raster pixels eligible as positive and as negative patch centres (bool, same shape).
+
+    Positive: tumour, in tissue, at least ``positive_margin_um`` inside the tumour border.
+    Negative: tissue, not tumour, at least ``negative_margin_um`` from any tumour.
+    """
+    pos = tumour & tissue
+    neg = tissue & ~tumour
+    if tumour.any():
+        inside, outside, win = border_distance_um(
+            tumour, raster_um, max(positive_margin_um, negative_margin_um)
+        )
+        pos[win] &= inside >= positive_margin_um
+        neg[win] &= outside >= negative_margin_um
+    return pos, neg
+
+
+def water_fill(total: int, capacity: Sequence[int]) -> np.ndarray:
+    """Split ``total`` into equal shares capped by ``capacity``; what a full slot cannot take goes
+    to the others. Returns int64 counts (sum = min(total, sum(capacity)))."""
+    cap = np.asarray(capacity, dtype=np.int64)
+    out = np.zeros(len(cap), dtype=np.int64)
+    remaining = int(total)
+    order = np.argsort(cap, kind="stable")
+    for k, i in enumerate(order):
+        share = remaining // (len(cap) - k)
+        out[i] = min(int(cap[i]), share)
+        remaining -= int(out[i])
+    if remaining > 0:  # rounding left-overs: one more to slots with room, largest first
+        for i in order[::-1]:
+            if remaining == 0:
+                break
+            extra = min(int(cap[i] - out[i]), remaining)
+            out[i] += extra
+            remaining -= extra
+    return out
+
+
+def split_validation_slides(
+    slide_ids: Sequence[str], labels: Sequence[str], val_fraction: float, seed: int
+) -> np.ndarray:
+    """Bool per slide: held out for validation. Stratified by label: ``round(fraction * n)``
+    slides of each label, at least one when the fraction is > 0 and a label has two or more
+    slides, never every slide of a label."""
+    is_val = np.zeros(len(slide_ids), dtype=bool)
+    if val_fraction <= 0:
+        return is_val
+    for lab in SLIDE_LABELS:
+        idx = [i for i, lb in enumerate(labels) if lb == lab]
+        if len(idx) < 2:
+            continue
+        k = min(max(1, int(round(val_fraction * len(idx)))), len(idx) - 1)
+        idx.sort(key=lambda i: slide_ids[i])
+        rng = stable_rng(seed, "validation", lab)
+        is_val[rng.choice(idx, size=k, replace=False)] = True
+    return is_val
+
+
+@dataclass
+class _SlideRaster:
+    ds: float
+    raster_um: float
+    pos: np.ndarray
+    neg: np.ndarray
+
+
+def _slide_raster(slide: TrainSlide, params: SampleParams, mpp_fallback: float | None):
+    from .annotations import rasterize, read_asap_xml, split_groups
+    from .tissue import read_tissue_mask
+
+    with open_slide(slide.path, slide.slide_id, mpp_fallback) as s:
+        w, h = s.dimensions
+        mpp = s.mpp
+    mask, meta = read_tissue_mask(slide.mask, slide.slide_id)
+    if (meta["slide_width"], meta["slide_height"]) != (w, h):
+        raise SlideError(
+            slide.slide_id,
+            slide.mask,
+            f"tissue mask was made for a {meta['slide_width']}x{meta['slide_height']} slide, "
+            f"the slide is {w}x{h}",
+        )
+    ds = raster_downsample((w, h), mpp, params.raster_mpp, params.max_raster_side)
+    shape = (math.ceil(h / ds), math.ceil(w / ds))
+    annotations = read_asap_xml(slide.annotation, slide.slide_id) if slide.annotation else []
+    tumour_polys, _ = split_groups(annotations)
+    if slide.label == "tumor" and not tumour_polys:
+        log.warning("%s: tumour slide without tumour polygons: negatives only", slide.slide_id)
+    if slide.label == "normal" and tumour_polys:
+        log.warning(
+            "%s: normal slide with %d tumour polygon(s): they are kept out of the negatives",
+            slide.slide_id,
+            len(tumour_polys),
+        )
+    tumour = rasterize(annotations, shape, ds)
+    tissue = tissue_on_raster(mask, (meta["downsample_x"], meta["downsample_y"]), shape, ds)
+    raster_um = ds * mpp
+    pos, neg = candidate_masks(
+        tumour, tissue, raster_um, params.positive_margin_um, params.negative_margin_um
+    )
+    if slide.label == "normal":
+        pos[:] = False
+    return _SlideRaster(ds=ds, raster_um=raster_um, pos=pos, neg=neg), (w, h), mpp
+
+
+def _draw(candidates: np.ndarray, k: int, ds: float, rng: np.random.Generator) -> np.ndarray:
+    """``k`` raster pixels of ``candidates`` without replacement, as level-0 centres (k, 2)."""
+    flat = np.flatnonzero(candidates)
+    pick = np.sort(rng.choice(flat, size=k, replace=False)) if k else flat[:0]
+    rows, cols = np.divmod(pick, candidates.shape[1])
+    x, y = raster_centres_level0(rows, cols, ds)
+    return np.stack([x, y], axis=1).astype(np.int64)
+
+
+def generate_samples(
+    slides: Sequence[TrainSlide],
+    out_h5: str | Path,
+    params: SampleParams | None = None,
+    *,
+    arch: str = "vgg16",
+    mpp_fallback: float | None = None,
+) -> dict[str, Any]:
+    """Draw the base patch centres of all training ``slides`` and write ``samples.h5``.
+
+    Returns a summary (counts per slide and label, validation slides). Raises
+    :class:`ConfigError` when there are no slides or no positive candidates at all.
+    """
+    params = params or SampleParams()
+    if not slides:
+        raise ConfigError("train_samples: no training slides (split == train, label tumor|normal)")
+    ids = [s.slide_id for s in slides]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"train_samples: duplicate slide IDs in {ids}")
+    lf, sf = receptive_field(ARCHITECTURES[arch]())
+    n_pos_total = int(round(params.n_samples * params.positive_fraction))
+    n_neg_total = params.n_samples - n_pos_total
+
+    # pass 1: candidate counts per slide (rasters are cheap to recompute, not kept in memory)
+    counts = np.zeros((len(slides), 2), dtype=np.int64)
+    for i, slide in enumerate(slides):
+        raster, _, _ = _slide_raster(slide, params, mpp_fallback)
+        counts[i] = int(raster.pos.sum()), int(raster.neg.sum())
+        log.info(
+            "%s (%s): %d positive / %d negative candidate centres at %.2f um spacing",
+            slide.slide_id,
+            slide.label,
+            counts[i, 0],
+            counts[i, 1],
+            raster.raster_um,
+        )
+    if counts[:, 0].sum() == 0:
+        raise ConfigError(
+            "train_samples: no positive patch centres: training needs tumour slides with tumour "
+            f"annotations in tissue (positive margin {params.positive_margin_um} um)"
+        )
+    n_pos = water_fill(n_pos_total, counts[:, 0])
+    n_neg = water_fill(n_neg_total, counts[:, 1])
+    if n_pos.sum() < n_pos_total or n_neg.sum() < n_neg_total:
+        log.warning(
+            "only %d positive / %d negative centres available (asked %d / %d)",
+            n_pos.sum(),
+            n_neg.sum(),
+            n_pos_total,
+            n_neg_total,
+        )
+
+    # pass 2: draw
+    xy_parts, label_parts, index_parts = [], [], []
+    per_slide = []
+    for i, slide in enumerate(slides):
+        raster, wh, mpp = _slide_raster(slide, params, mpp_fallback)
+        rng = stable_rng(params.seed, "samples", slide.slide_id)
+        pos_xy = _draw(raster.pos, int(n_pos[i]), raster.ds, rng)
+        neg_xy = _draw(raster.neg, int(n_neg[i]), raster.ds, rng)
+        xy_parts += [pos_xy, neg_xy]
+        label_parts += [
+            np.full(len(pos_xy), LABEL_TUMOUR, np.uint8),
+            np.full(len(neg_xy), LABEL_NORMAL, np.uint8),
+        ]
+        index_parts.append(np.full(len(pos_xy) + len(neg_xy), i, np.int32))
+        per_slide.append(
+            {
+                "slide_id": slide.slide_id,
+                "label": slide.label,
+                "positives": int(len(pos_xy)),
+                "negatives": int(len(neg_xy)),
+                "width": wh[0],
+                "height": wh[1],
+                "mpp": mpp,
+            }
+        )
+    is_val = split_validation_slides(
+        ids, [s.label for s in slides], params.val_fraction, params.seed
+    )
+    table = SampleTable(
+        slide_id=ids,
+        slide_path=[str(s.path) for s in slides],
+        slide_label=[s.label for s in slides],
+        slide_is_val=is_val,
+        slide_annotation=[s.annotation or "" for s in slides],
+        level0_xy=np.concatenate(xy_parts).reshape(-1, 2).astype(np.int64),
+        label=np.concatenate(label_parts).astype(np.uint8),
+        slide_index=np.concatenate(index_parts).astype(np.int32),
+    )
+    attrs = {
+        "kind": "samples",
+        "arch": arch,
+        "Lf": lf,
+        "Sf": sf,
+        **{k: v for k, v in asdict(params).items()},
+    }
+    write_sample_table(out_h5, table, attrs)
+    summary = {
+        "path": str(out_h5),
+        "n": len(table),
+        "positives": int(table.label.sum()),
+        "negatives": int(len(table) - table.label.sum()),
+        "val_slides": [s for s, v in zip(ids, is_val, strict=True) if v],
+        "slides": per_slide,
+    }
+    log.info(
+        "wrote %s: %d centres (%d positive, %d negative) from %d slides; validation slides %s",
+        out_h5,
+        summary["n"],
+        summary["positives"],
+        summary["negatives"],
+        len(slides),
+        summary["val_slides"],
+    )
+    return summary
+
+
+def write_sample_table(path: str | Path, table: SampleTable, attrs: dict[str, Any]) -> None:
+    """Write a :class:`SampleTable` to HDF5 atomically (``<path>.tmp`` then rename)."""
+    n = len(table)
+    for name, arr, shape in (
+        ("level0_xy", table.level0_xy, (n, 2)),
+        ("slide_index", table.slide_index, (n,)),
+    ):
+        if arr.shape != shape:
+            raise ValueError(f"{name} has shape {arr.shape}, expected {shape}")
+    if n and (table.slide_index.min() < 0 or table.slide_index.max() >= len(table.slide_id)):
+        raise ValueError("slide_index outside the slide table")
+    text = h5py.string_dtype()
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("level0_xy", data=table.level0_xy.astype(np.int64))
+        f.create_dataset("label", data=table.label.astype(np.uint8))
+        f.create_dataset("slide_index", data=table.slide_index.astype(np.int32))
+        if table.probability is not None:
+            f.create_dataset("probability", data=table.probability.astype(np.float32))
+        f.create_dataset("slide_id", data=np.array(table.slide_id, dtype=object), dtype=text)
+        f.create_dataset("slide_path", data=np.array(table.slide_path, dtype=object), dtype=text)
+        f.create_dataset("slide_label", data=np.array(table.slide_label, dtype=object), dtype=text)
+        f.create_dataset("slide_is_val", data=np.asarray(table.slide_is_val, dtype=bool))
+        f.create_dataset(
+            "slide_annotation", data=np.array(table.slide_annotation, dtype=object), dtype=text
+        )
+        f.attrs.update(
+            {
+                "format": SAMPLES_FORMAT,
+                "wsiscan_version": __version__,
+                **{k: ("" if v is None else v) for k, v in attrs.items()},
+            }
+        )
+
+
+def _attr(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def h5_attrs(obj: h5py.File | h5py.Dataset) -> dict[str, Any]:
+    """HDF5 attributes as plain Python values (bytes decoded, numpy scalars and arrays unwrapped)."""
+    return {k: _attr(v) for k, v in obj.attrs.items()}
+
+
+def _strings(dataset: h5py.Dataset) -> list[str]:
+    return [s.decode() if isinstance(s, bytes) else str(s) for s in dataset[()]]
+
+
+def read_sample_table(path: str | Path) -> SampleTable:
+    """Read ``samples.h5`` / ``hard_negatives.h5``; :class:`SlideError` naming the file if bad."""
+    path = Path(path)
+    if not path.is_file():
+        raise SlideError(None, path, "sample table not found")
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = h5_attrs(f)
+            if attrs.get("format") != SAMPLES_FORMAT:
+                raise SlideError(
+                    None, path, f"not a wsiscan sample table (format {attrs.get('format')!r})"
+                )
+            table = SampleTable(
+                slide_id=_strings(f["slide_id"]),
+                slide_path=_strings(f["slide_path"]),
+                slide_label=_strings(f["slide_label"]),
+                slide_is_val=f["slide_is_val"][()].astype(bool),
+                slide_annotation=_strings(f["slide_annotation"]),
+                level0_xy=f["level0_xy"][()].astype(np.int64).reshape(-1, 2),
+                label=f["label"][()].astype(np.uint8),
+                slide_index=f["slide_index"][()].astype(np.int32),
+                probability=f["probability"][()].astype(np.float32) if "probability" in f else None,
+                attrs=attrs,
+            )
+    except (OSError, KeyError) as exc:
+        raise SlideError(None, path, f"sample table is not readable: {exc}")
+    n = len(table)
+    if table.level0_xy.shape != (n, 2) or table.slide_index.shape != (n,):
+        raise SlideError(None, path, "sample table datasets have inconsistent lengths")
+    if n and (table.slide_index.min() < 0 or table.slide_index.max() >= len(table.slide_id)):
+        raise SlideError(None, path, "slide_index points outside the slide table")
+    return table
+
+
+def merge_tables(base: SampleTable, extra: Sequence[SampleTable]) -> tuple[SampleTable, np.ndarray]:
+    """Base samples plus hard-negative tables, slides matched by ID.
+
+    Returns ``(merged table, source)`` where ``source[i]`` is 0 for base samples and ``k`` for
+    samples of ``extra[k-1]``. Slides only in an extra table are appended as training slides.
+    """
+    ids = list(base.slide_id)
+    paths, labels = list(base.slide_path), list(base.slide_label)
+    annotations = list(base.slide_annotation)
+    is_val = list(base.slide_is_val.astype(bool))
+    pos = {s: i for i, s in enumerate(ids)}
+    xy, lab, idx, prob, src = [base.level0_xy], [base.label], [base.slide_index], [], []
+    prob.append(np.full(len(base), np.nan, np.float32))
+    src.append(np.zeros(len(base), np.int32))
+    for k, table in enumerate(extra, start=1):
+        remap = np.zeros(len(table.slide_id), dtype=np.int32)
+        for j, sid in enumerate(table.slide_id):
+            if sid not in pos:
+                pos[sid] = len(ids)
+                ids.append(sid)
+                paths.append(table.slide_path[j])
+                labels.append(table.slide_label[j])
+                annotations.append(table.slide_annotation[j])
+                is_val.append(bool(table.slide_is_val[j]))
+            remap[j] = pos[sid]
+        xy.append(table.level0_xy)
+        lab.append(table.label)
+        idx.append(remap[table.slide_index] if len(table) else table.slide_index)
+        prob.append(
+            table.probability
+            if table.probability is not None
+            else np.full(len(table), np.nan, np.float32)
+        )
+        src.append(np.full(len(table), k, np.int32))
+    merged = SampleTable(
+        slide_id=ids,
+        slide_path=paths,
+        slide_label=labels,
+        slide_is_val=np.array(is_val, dtype=bool),
+        slide_annotation=annotations,
+        level0_xy=np.concatenate(xy).reshape(-1, 2).astype(np.int64),
+        label=np.concatenate(lab).astype(np.uint8),
+        slide_index=np.concatenate(idx).astype(np.int32),
+        probability=np.concatenate(prob).astype(np.float32),
+        attrs=dict(base.attrs),
+    )
+    return merged, np.concatenate(src)
+
+
+# == augmentation ==================================================================================
+@dataclass(frozen=True)
+class AugmentParams:
+    """Patch augmentation: flips, 90-degree rotations and modest colour jitter (factors)."""
+
+    flips: bool = True
+    rotate90: bool = True
+    brightness: float = 0.1
+    contrast: float = 0.1
+    saturation: float = 0.1
+    hue: float = 0.02  # fraction of a full hue turn
+
+
+def colour_matrix(
+    rgb_mean: np.ndarray, brightness: float, contrast: float, saturation: float, hue_turn: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Affine colour map ``x -> M @ x + t`` (RGB in [0, 1]) for the given jitter factors.
+
+    Applied in order: brightness (scale), contrast (towards the patch's mean grey), saturation
+    (towards each pixel's grey), hue (rotation of the chroma plane in YIQ).
+    """
+    m = np.eye(3) * brightness
+    t = np.zeros(3)
+    grey_mean = float(LUMA @ (np.asarray(rgb_mean, np.float64) * brightness))
+    m, t = contrast * m, contrast * t + (1.0 - contrast) * grey_mean
+    sat = saturation * np.eye(3) + (1.0 - saturation) * np.outer(np.ones(3), LUMA)
+    m, t = sat @ m, sat @ t
+    a = 2.0 * math.pi * hue_turn
+    rot = np.array([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]])
+    hue = _YIQ_TO_RGB @ rot @ _RGB_TO_YIQ
+    return hue @ m, hue @ t
+
+
+def augment_patch(rgb: np.ndarray, rng: np.random.Generator, params: AugmentParams) -> np.ndarray:
+    """Randomly flipped / rotated / colour-jittered copy of an RGB uint8 patch (H, W, 3)."""
+    out = rgb
+    if params.flips and rng.random() < 0.5:
+        out = out[:, ::-1]
+    if params.rotate90:
+        out = np.rot90(out, int(rng.integers(4)))
+    factors = (
+        1.0 + rng.uniform(-params.brightness, params.brightness),
+        1.0 + rng.uniform(-params.contrast, params.contrast),
+        1.0 + rng.uniform(-params.saturation, params.saturation),
+        rng.uniform(-params.hue, params.hue),
+    )
+    if factors != (1.0, 1.0, 1.0, 0.0):
+        x = out.reshape(-1, 3).astype(np.float32) * np.float32(1 / 255)
+        m, t = colour_matrix(x.mean(axis=0), *factors)
+        x = x @ m.T.astype(np.float32) + t.astype(np.float32)
+        out = (np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8).reshape(out.shape)
+    return np.ascontiguousarray(out)
+
+
+# == data loading ==================================================================================
+class PatchDataset(torch.utils.data.Dataset):
+    """``Lf x Lf`` level-0 patches centred on sample centres, read lazily from the slides.
+
+    Keys are ``(sample index, epoch)``; epoch ``-1`` reads without augmentation (validation).
+    Each worker process opens the slides it needs on first use and keeps them open. Returns
+    ``(uint8 tensor (Lf, Lf, 3), label int64)``.
+    """
+
+    def __init__(
+        self,
+        table: SampleTable,
+        patch_px: int,
+        augment: AugmentParams,
+        seed: int,
+        round_index: int,
+        mpp_fallback: float | None = None,
+    ) -> None:
+        self.slide_path = list(table.slide_path)
+        self.slide_id = list(table.slide_id)
+        self.level0_xy = np.ascontiguousarray(table.level0_xy, dtype=np.int64)
+        self.label = np.ascontiguousarray(table.label, dtype=np.int64)
+        self.slide_index = np.ascontiguousarray(table.slide_index, dtype=np.int32)
+        self.patch_px = int(patch_px)
+        self.augment = augment
+        self.seed = int(seed)
+        self.round_index = int(round_index)
+        self.mpp_fallback = mpp_fallback
+        self._slides: dict[int, Slide] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_slides"] = {}  # open handles stay in the process that opened them
+        return state
+
+    def __len__(self) -> int:
+        return int(self.label.shape[0])
+
+    def _slide(self, i: int) -> Slide:
+        slide = self._slides.get(i)
+        if slide is None:
+            slide = open_slide(self.slide_path[i], self.slide_id[i], self.mpp_fallback)
+            self._slides[i] = slide
+        return slide
+
+    def read(self, index: int) -> np.ndarray:
+        """The raw patch of sample ``index`` (RGB uint8, ``Lf x Lf``)."""
+        cx, cy = self.level0_xy[index]
+        half = self.patch_px // 2
+        slide = self._slide(int(self.slide_index[index]))
+        return slide.read_rgb((int(cx) - half, int(cy) - half), 0, (self.patch_px,) * 2)
+
+    def __getitem__(self, key: tuple[int, int] | int) -> tuple[torch.Tensor, int]:
+        index, epoch = (int(key), -1) if isinstance(key, int | np.integer) else map(int, key)
+        rgb = self.read(index)
+        if epoch >= 0:
+            rng = stable_rng(self.seed, self.round_index, epoch, index)
+            rgb = augment_patch(rgb, rng, self.augment)
+        return torch.from_numpy(rgb), int(self.label[index])
+
+    def close(self) -> None:
+        for slide in self._slides.values():
+            slide.close()
+        self._slides.clear()
+
+
+def compose_epoch(
+    positives: np.ndarray,
+    negatives: np.ndarray,
+    hard: np.ndarray,
+    n: int,
+    positive_fraction: float,
+    hard_fraction: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Sample indices of one epoch: ``n`` of them, ``positive_fraction`` positives, and of the
+    negatives a ``hard_fraction`` share of the epoch drawn from the hard negatives (as many as
+    there are), shuffled. Each pool is drawn without replacement while it lasts."""
+
+    def take(pool: np.ndarray, k: int) -> np.ndarray:
+        if k <= 0 or len(pool) == 0:
+            return pool[:0]
+        reps = -(-k // len(pool))
+        return np.concatenate([rng.permutation(pool) for _ in range(reps)])[:k]
+
+    n_pos = int(round(n * positive_fraction)) if len(negatives) + len(hard) else n
+    n_pos = n_pos if len(positives) else 0
+    n_hard = min(int(round(n * hard_fraction)), len(hard), n - n_pos)
+    n_neg = n - n_pos - n_hard
+    if len(negatives) == 0:
+        n_hard, n_neg = n - n_pos, 0
+    keys = np.concatenate([take(positives, n_pos), take(negatives, n_neg), take(hard, n_hard)])
+    return rng.permutation(keys)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields ``(sample index, epoch)`` keys of one epoch (see :func:`compose_epoch`).
+
+    The epoch's composition depends only on ``(seed, round, epoch)``; call :meth:`set_epoch`
+    before iterating (works with persistent workers: the sampler runs in the main process).
+    """
+
+    def __init__(
+        self,
+        positives: np.ndarray,
+        negatives: np.ndarray,
+        hard: np.ndarray,
+        n: int,
+        positive_fraction: float,
+        hard_fraction: float,
+        seed: int,
+        round_index: int,
+    ) -> None:
+        self.pools = (positives, negatives, hard)
+        self.n = int(n)
+        self.positive_fraction = positive_fraction
+        self.hard_fraction = hard_fraction
+        self.seed = seed
+        self.round_index = round_index
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def indices(self) -> np.ndarray:
+        rng = stable_rng(self.seed, self.round_index, self.epoch, "epoch")
+        return compose_epoch(*self.pools, self.n, self.positive_fraction, self.hard_fraction, rng)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for i in self.indices():
+            yield int(i), self.epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def make_loader(
+    dataset: PatchDataset,
+    sampler: Any,
+    batch_size: int,
+    workers: int,
+    pin_memory: bool,
+    prefetch_factor: int = 4,
+    drop_last: bool = False,
+) -> torch.utils.data.DataLoader:
+    """DataLoader with ``workers`` producer processes (persistent, prefetching) or in-process."""
+    kwargs: dict[str, Any] = {}
+    if workers > 0:
+        kwargs.update(
+            persistent_workers=True, prefetch_factor=prefetch_factor, worker_init_fn=_worker_init
+        )
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        **kwargs,
+    )
+
+
+# == trainer =======================================================================================
+@dataclass(frozen=True)
+class TrainParams:
+    """Everything one training round needs besides its files (see config ``train:``)."""
+
+    round_index: int = 1
+    arch: str = "vgg16"
+    width: float = 0.125
+    batchnorm: bool = True
+    dropout: float = 0.2
+    epochs: int = 3
+    samples_per_epoch: int = 1024
+    batch_size: int = 32
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_steps: int = 10
+    positive_fraction: float = 0.5
+    hard_negative_fraction: float = 0.3
+    val_samples: int = 256
+    augment: AugmentParams = AugmentParams()
+    workers: int = 2
+    prefetch_factor: int = 4
+    threads: int | None = None
+    device: str = "auto"
+    amp: bool = True
+    seed: int = 0
+    mpp_fallback: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.round_index < 1:
+            raise ConfigError(f"training round must be >= 1, got {self.round_index}")
+        if self.epochs < 1:
+            raise ConfigError(f"train epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 2:
+            raise ConfigError(f"train.batch_size must be >= 2 (BatchNorm), got {self.batch_size}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ConfigError(f"train.optimizer must be adam or sgd, got {self.optimizer!r}")
+        if self.workers < 0:
+            raise ConfigError(f"train.workers must be >= 0, got {self.workers}")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, self.samples_per_epoch // self.batch_size)
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """Parameters that change the result (not workers, threads, device or prefetching)."""
+        d = asdict(self)
+        for key in ("workers", "prefetch_factor", "threads", "device", "mpp_fallback"):
+            d.pop(key)
+        return d
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; otherwise the named device (checked)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def learning_rate(step: int, total_steps: int, base_lr: float, warmup_steps: int) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine decay to 5% of ``base_lr`` at the end."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return base_lr * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def _file_sha(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_json(path: str | Path, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def _atomic_torch_save(path: str | Path, obj: Any) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        try:
+            torch.cuda.set_rng_state_all(state["cuda"])
+        except (RuntimeError, IndexError):
+            log.warning("CUDA RNG state of the checkpoint does not fit this machine; not restored")
+
+
+def load_train_state(path: str | Path) -> dict[str, Any] | None:
+    """The resumable training state at ``path`` (``weights_only=True``), or None if unusable."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a torn or foreign file: start afresh rather than fail
+        log.warning("ignoring unreadable training checkpoint %s: %s", path, exc)
+        return None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        log.warning("ignoring %s: not a wsiscan training checkpoint", path)
+        return None
+    return state
+
+
+def _evaluate(
+    model: torch.nn.Module,
+    loader: torch.utils.data.DataLoader,
+    device: torch.device,
+    hard_mask: np.ndarray,
+    keys: np.ndarray,
+    amp_ctx: Callable[[], Any],
+) -> dict[str, float | None]:
+    """Validation loss/accuracy overall, per class and on hard negatives (eval mode)."""
+    from .model import to_tensor
+
+    if len(keys) == 0:
+        return {
+            "val_loss": None,
+            "val_acc": None,
+            "val_acc_tumour": None,
+            "val_acc_normal": None,
+            "val_acc_hard": None,
+        }
+    model.eval()
+    losses, correct, labels = [], [], []
+    with torch.inference_mode():
+        for images, y in loader:
+            x = to_tensor(images, device=device)
+            y = y.to(device)
+            with amp_ctx():
+                logits = model(x).flatten(1)
+            losses.append(
+                torch.nn.functional.cross_entropy(logits.float(), y, reduction="none").cpu()
+            )
+            correct.append((logits.argmax(1) == y).cpu())
+            labels.append(y.cpu())
+    loss = torch.cat(losses).numpy()
+    ok = torch.cat(correct).numpy()
+    lab = torch.cat(labels).numpy()
+    hard = hard_mask[keys]
+
+    def mean(sel: np.ndarray) -> float | None:
+        return float(ok[sel].mean()) if sel.any() else None
+
+    return {
+        "val_loss": float(loss.mean()),
+        "val_acc": float(ok.mean()),
+        "val_acc_tumour": mean(lab == LABEL_TUMOUR),
+        "val_acc_normal": mean(lab == LABEL_NORMAL),
+        "val_acc_hard": mean(hard),
+    }
+
+
+def plot_history(
+    history: list[dict[str, Any]], step_loss: list[float], out_png: str | Path, title: str
+) -> None:
+    """Loss and accuracy curves (matplotlib Agg) written atomically to ``out_png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = [h["epoch"] for h in history]
+    if step_loss:
+        steps_per_epoch = max(1, len(step_loss) // max(1, len(history)))
+        s = np.arange(1, len(step_loss) + 1) / steps_per_epoch
+        ax_loss.plot(s, step_loss, color="0.75", lw=0.8, label="train loss (batch)")
+        k = max(1, steps_per_epoch // 4)
+        if len(step_loss) >= k:
+            smooth = np.convolve(step_loss, np.ones(k) / k, mode="valid")
+            ax_loss.plot(
+                s[k - 1 :], smooth, color="C0", lw=1.2, label=f"train loss ({k}-batch mean)"
+            )
+    ax_loss.plot(epochs, [h["loss"] for h in history], "o", color="C0", label="train loss (epoch)")
+    val = [(h["epoch"], h["val_loss"]) for h in history if h.get("val_loss") is not None]
+    if val:
+        ax_loss.plot(*zip(*val, strict=True), "s-", color="C1", label="validation loss")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("cross-entropy")
+    ax_loss.set_ylim(bottom=0)
+    ax_loss.legend(fontsize=8)
+    ax_acc.plot(epochs, [h["acc"] for h in history], "o-", color="C0", label="train")
+    for key, colour, name in (
+        ("val_acc", "C1", "validation"),
+        ("val_acc_tumour", "C3", "val tumour"),
+        ("val_acc_normal", "C2", "val normal"),
+        ("val_acc_hard", "C4", "val hard negatives"),
+    ):
+        pts = [(h["epoch"], h[key]) for h in history if h.get(key) is not None]
+        if pts:
+            ax_acc.plot(*zip(*pts, strict=True), "s--", color=colour, label=name, ms=4)
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("accuracy")
+    ax_acc.set_ylim(0, 1.02)
+    ax_acc.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def _thin(values: list[float], max_points: int = 2000) -> list[float]:
+    if len(values) <= max_points:
+        return [float(v) for v in values]
+    idx = np.linspace(0, len(values) - 1, max_points).round().astype(int)
+    return [float(values[i]) for i in idx]
+
+
+@dataclass
+class _TrainingSet:
+    """The merged sample table of one round and its train / validation split (indices)."""
+
+    table: SampleTable
+    is_hard: np.ndarray
+    positives: np.ndarray
+    negatives: np.ndarray
+    hard: np.ndarray
+    val_keys: np.ndarray
+    patch_px: int
+
+
+def _training_set(
+    samples_h5: str | Path, hard_negatives: Sequence[str | Path], params: TrainParams
+) -> _TrainingSet:
+    base = read_sample_table(samples_h5)
+    table, source = merge_tables(base, [read_sample_table(p) for p in hard_negatives])
+    arch_lf = receptive_field(ARCHITECTURES[params.arch]())[0]
+    lf = int(base.attrs.get("Lf", arch_lf))
+    if lf != arch_lf:
+        raise ConfigError(
+            f"{samples_h5}: samples were drawn for Lf={lf}, {params.arch} has {arch_lf}"
+        )
+    is_val, is_hard = table.is_val, source > 0
+    normal = table.label == LABEL_NORMAL
+    data = _TrainingSet(
+        table=table,
+        is_hard=is_hard,
+        positives=np.flatnonzero(~is_val & (table.label == LABEL_TUMOUR)),
+        negatives=np.flatnonzero(~is_val & normal & ~is_hard),
+        hard=np.flatnonzero(~is_val & normal & is_hard),
+        val_keys=_validation_keys(table, is_hard, params),
+        patch_px=lf,
+    )
+    if len(data.positives) == 0:
+        raise ConfigError(
+            f"{samples_h5}: no positive samples on the training (non-validation) slides"
+        )
+    log.info(
+        "round %d: %d train positives, %d negatives, %d hard negatives (from %d tables); "
+        "%d validation samples on %d slides",
+        params.round_index,
+        len(data.positives),
+        len(data.negatives),
+        len(data.hard),
+        len(hard_negatives),
+        len(data.val_keys),
+        int(table.slide_is_val.sum()),
+    )
+    return data
+
+
+def _fingerprint(
+    params: TrainParams,
+    samples_h5: str | Path,
+    hard_negatives: Sequence[str | Path],
+    init_checkpoint: str | Path | None,
+    imagenet_weights: str | Path | None,
+) -> str:
+    """SHA-256 of everything that determines the result: a checkpoint resumes only if equal."""
+    blob = {
+        "params": params.fingerprint_fields(),
+        "samples": _file_sha(samples_h5),
+        "hard_negatives": [_file_sha(p) for p in hard_negatives],
+        "init": _file_sha(init_checkpoint) if init_checkpoint else None,
+        "imagenet": _file_sha(imagenet_weights) if imagenet_weights else None,
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _initial_model(
+    params: TrainParams,
+    init_checkpoint: str | Path | None,
+    imagenet_weights: str | Path | None,
+) -> tuple[torch.nn.Module, str]:
+    """The round's starting model (fine-tune, ImageNet trunk or seeded random) and its name."""
+    from .model import ScanNet, load_checkpoint, load_torchvision_vgg16
+
+    torch.manual_seed(int(stable_rng(params.seed, params.round_index, "init").integers(2**62)))
+    model = ScanNet(params.arch, params.width, params.batchnorm, dropout=params.dropout)
+    if init_checkpoint:
+        prev, cfg = load_checkpoint(init_checkpoint)
+        found = (cfg["arch"], float(cfg["width"]), bool(cfg["batchnorm"]))
+        if found != (params.arch, float(params.width), bool(params.batchnorm)):
+            raise ConfigError(
+                f"{init_checkpoint}: model {found[0]} width {found[1]} batchnorm {found[2]} "
+                f"differs from the configured {params.arch} width {params.width} "
+                f"batchnorm {params.batchnorm}"
+            )
+        model.load_state_dict(prev.state_dict())
+        return model, f"finetune:{init_checkpoint}"
+    if imagenet_weights:
+        load_torchvision_vgg16(model, imagenet_weights)
+        return model, f"imagenet:{imagenet_weights}"
+    return model, "random"
+
+
+def _optimizer(model: torch.nn.Module, params: TrainParams) -> torch.optim.Optimizer:
+    """AdamW or Nesterov SGD; no weight decay on biases and BatchNorm parameters."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [
+        {"params": decay, "weight_decay": params.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if params.optimizer == "adam":
+        return torch.optim.AdamW(groups, lr=params.lr)
+    return torch.optim.SGD(groups, lr=params.lr, momentum=params.momentum, nesterov=True)
+
+
+def _train_epoch(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    loader: torch.utils.data.DataLoader,
+    epoch: int,
+    params: TrainParams,
+    device: torch.device,
+    amp_ctx: Callable[[], Any],
+) -> tuple[dict[str, Any], list[float]]:
+    """One epoch of ``steps_per_epoch`` batches; returns its record and the batch losses."""
+    from tqdm import tqdm
+
+    from .model import to_tensor
+
+    t0 = time.perf_counter()
+    model.train()
+    wait, losses, n_correct, n_seen, lr = 0.0, [], 0, 0, params.lr
+    total_steps = params.epochs * params.steps_per_epoch
+    bar = tqdm(
+        total=params.steps_per_epoch,
+        desc=f"round {params.round_index} epoch {epoch + 1}/{params.epochs}",
+        unit="batch",
+        file=sys.stderr,
+        mininterval=5.0,
+    )
+    batches = iter(loader)
+    for step in range(params.steps_per_epoch):
+        t_wait = time.perf_counter()
+        images, y = next(batches)
+        wait += time.perf_counter() - t_wait
+        global_step = epoch * params.steps_per_epoch + step
+        lr = learning_rate(global_step, total_steps, params.lr, params.warmup_steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x = to_tensor(images, device=device)
+        y = y.to(device, non_blocking=True)
+        with amp_ctx():
+            logits = model(x).flatten(1)
+        loss = torch.nn.functional.cross_entropy(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise RuntimeError(
+                f"round {params.round_index}: loss became {value} at step {global_step}"
+            )
+        losses.append(value)
+        n_correct += int((logits.detach().argmax(1) == y).sum())
+        n_seen += int(y.shape[0])
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", lr=f"{lr:.2g}", refresh=False)
+    bar.close()
+    train_s = time.perf_counter() - t0
+    record = {
+        "epoch": epoch + 1,
+        "loss": float(np.mean(losses)),
+        "acc": n_correct / max(1, n_seen),
+        "samples": n_seen,
+        "samples_per_s": n_seen / train_s,
+        "data_wait_s": wait,
+        "train_s": train_s,
+        "lr_end": lr,
+    }
+    return record, losses
+
+
+def train_round(
+    samples_h5: str | Path,
+    out_model: str | Path,
+    out_metrics: str | Path,
+    out_loss_png: str | Path,
+    params: TrainParams | None = None,
+    *,
+    hard_negatives: Sequence[str | Path] = (),
+    init_checkpoint: str | Path | None = None,
+    imagenet_weights: str | Path | None = None,
+    checkpoint_path: str | Path | None = None,
+    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Train one round and write ``model.pt`` (:func:`wsiscan.model.save_checkpoint`),
+    ``metrics.json`` and ``loss.png``; return the metrics dict.
+
+    Training data: the base samples plus every hard-negative table in ``hard_negatives``
+    (earlier rounds). The model starts from ``init_checkpoint`` (fine-tuning, rounds >= 2), else
+    from ``imagenet_weights`` (torchvision VGG16 trunk) or random init (seeded). The resumable
+    state goes to ``checkpoint_path`` (default ``checkpoint.pt`` beside ``out_model``) after each
+    epoch; when it exists and belongs to the same set-up, training continues from it. It is
+    removed once ``model.pt`` is written. ``on_epoch_end(epoch, record)`` runs after each
+    epoch's checkpoint (tests use it to simulate a crash).
+    """
+    from .model import save_checkpoint
+
+    params = params or TrainParams()
+    t_start = time.perf_counter()
+    out_model = Path(out_model)
+    checkpoint_path = Path(checkpoint_path or out_model.with_name("checkpoint.pt"))
+    if params.threads:
+        torch.set_num_threads(int(params.threads))
+    device = resolve_device(params.device)
+    use_amp = bool(params.amp and device.type == "cuda")
+
+    data = _training_set(samples_h5, hard_negatives, params)
+    fingerprint = _fingerprint(
+        params, samples_h5, hard_negatives, init_checkpoint, imagenet_weights
+    )
+    model, init_desc = _initial_model(params, init_checkpoint, imagenet_weights)
+    model.to(device)
+    opt = _optimizer(model, params)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    start_epoch, history, step_loss, resumed_from = 0, [], [], None
+    state = load_train_state(checkpoint_path)
+    if state is not None and state.get("fingerprint") != fingerprint:
+        log.warning("%s belongs to another training set-up: starting afresh", checkpoint_path)
+        state = None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        start_epoch = resumed_from = int(state["epoch"])
+        history = list(state["history"])
+        step_loss = [float(v) for v in state["step_loss"]]
+        log.info(
+            "resuming round %d from %s after epoch %d",
+            params.round_index,
+            checkpoint_path,
+            start_epoch,
+        )
+
+    pin = device.type == "cuda"
+    dataset = PatchDataset(
+        data.table,
+        data.patch_px,
+        params.augment,
+        params.seed,
+        params.round_index,
+        params.mpp_fallback,
+    )
+    sampler = EpochSampler(
+        data.positives,
+        data.negatives,
+        data.hard,
+        params.steps_per_epoch * params.batch_size,
+        params.positive_fraction,
+        params.hard_negative_fraction,
+        params.seed,
+        params.round_index,
+    )
+    loaders = {
+        "train": make_loader(
+            dataset,
+            sampler,
+            params.batch_size,
+            params.workers,
+            pin,
+            params.prefetch_factor,
+            drop_last=True,
+        ),
+        "val": make_loader(
+            dataset,
+            [(int(k), -1) for k in data.val_keys],
+            params.batch_size,
+            params.workers,
+            pin,
+            params.prefetch_factor,
+        ),
+    }
+
+    def amp_ctx() -> Any:
+        return torch.autocast("cuda", dtype=torch.float16, enabled=use_amp)
+
+    for epoch in range(start_epoch, params.epochs):
+        sampler.set_epoch(epoch)
+        record, losses = _train_epoch(
+            model, opt, scaler, loaders["train"], epoch, params, device, amp_ctx
+        )
+        t_val = time.perf_counter()
+        record.update(
+            _evaluate(model, loaders["val"], device, data.is_hard, data.val_keys, amp_ctx)
+        )
+        record["val_s"] = time.perf_counter() - t_val
+        record["epoch_time_s"] = record["train_s"] + record["val_s"]
+        history.append(record)
+        step_loss.extend(losses)
+        log.info(
+            "round %d epoch %d: loss %.4f acc %.3f | val loss %s acc %s | %.1f samples/s, "
+            "waited %.1f s for data",
+            params.round_index,
+            epoch + 1,
+            record["loss"],
+            record["acc"],
+            _fmt(record["val_loss"]),
+            _fmt(record["val_acc"]),
+            record["samples_per_s"],
+            record["data_wait_s"],
+        )
+        _atomic_torch_save(
+            checkpoint_path,
+            {
+                "format": CHECKPOINT_FORMAT,
+                "fingerprint": fingerprint,
+                "epoch": epoch + 1,
+                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "optimizer": opt.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": _rng_state(),
+                "history": history,
+                "step_loss": step_loss,
+            },
+        )
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, record)
+    del loaders  # stops the persistent worker processes
+    dataset.close()
+
+    table = data.table
+    metrics = {
+        "round": params.round_index,
+        "init": init_desc,
+        "resumed_from_epoch": resumed_from,
+        "device": str(device),
+        "amp": use_amp,
+        "workers": params.workers,
+        "threads": torch.get_num_threads(),
+        "n_train_positive": len(data.positives),
+        "n_train_negative": len(data.negatives),
+        "n_train_hard_negative": len(data.hard),
+        "n_val": len(data.val_keys),
+        "val_slides": [s for s, v in zip(table.slide_id, table.slide_is_val, strict=True) if v],
+        "params": _plain_params(params),
+        "epochs": history,
+        "step_loss": _thin(step_loss),
+        "wall_s": time.perf_counter() - t_start,
+    }
+    model.eval()
+    metrics["model_sha256"] = save_checkpoint(
+        out_model,
+        model.cpu(),
+        {
+            "trained": True,
+            "round": params.round_index,
+            "init": init_desc,
+            "epochs": params.epochs,
+            "samples_sha256": _file_sha(samples_h5),
+            "hard_negatives": [str(p) for p in hard_negatives],
+            "final": {k: v for k, v in history[-1].items() if k != "epoch"} if history else {},
+            "train_params": _plain_params(params),
+        },
+    )
+    _atomic_json(out_metrics, metrics)
+    plot_history(
+        history,
+        step_loss,
+        out_loss_png,
+        f"training round {params.round_index} ({len(data.hard)} hard negatives)",
+    )
+    checkpoint_path.unlink(missing_ok=True)
+    return metrics
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def _plain_params(params: TrainParams) -> dict[str, Any]:
+    return json.loads(json.dumps(asdict(params), default=str))
+
+
+def _validation_keys(table: SampleTable, is_hard: np.ndarray, params: TrainParams) -> np.ndarray:
+    """A fixed subset of the validation slides' samples: half positives, half negatives (of
+    which a ``hard_negative_fraction`` share hard), at most ``val_samples``."""
+    is_val = table.is_val
+    pos = np.flatnonzero(is_val & (table.label == LABEL_TUMOUR))
+    neg = np.flatnonzero(is_val & (table.label == LABEL_NORMAL) & ~is_hard)
+    hard = np.flatnonzero(is_val & (table.label == LABEL_NORMAL) & is_hard)
+    if not (len(pos) + len(neg) + len(hard)) or params.val_samples <= 0:
+        return np.zeros(0, dtype=np.int64)
+    rng = stable_rng(params.seed, params.round_index, "validation-keys")
+    n = min(params.val_samples, len(pos) + len(neg) + len(hard))
+    n_pos = min(len(pos), n // 2)
+    n_hard = min(len(hard), int(round(n * params.hard_negative_fraction)), n - n_pos)
+    n_neg = min(len(neg), n - n_pos - n_hard)
+    keys = np.concatenate(
+        [
+            rng.choice(pos, n_pos, replace=False),
+            rng.choice(neg, n_neg, replace=False),
+            rng.choice(hard, n_hard, replace=False),
+        ]
+    )
+    return np.sort(keys).astype(np.int64)

@@ -1,0 +1,496 @@
+"""Faults (issue 9): failure records, corrupt intermediates, write errors, a killed infer job, and
+one broken slide in a cohort run under --keep-going (with and without evaluate.allow_missing).
+
+Unit- and stage-level tests run in the quick suite; the two Snakemake runs are marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+
+from wsiscan.cli import main
+from wsiscan.faults import (
+    clear_failure_record,
+    failed_slides,
+    quarantine,
+    read_failure_record,
+    write_failure_record,
+)
+
+from .conftest import BIN, REPO, run_snakemake, snakemake_env
+from .test_bad_input import (
+    HEADER,
+    STAGES,
+    Result,
+    assert_one_line_error,
+    damage_tile,
+    he_image,
+    run_cli,
+    stage_args,
+    write_tiff,
+)
+
+
+# -- failure records -------------------------------------------------------------------------------
+def test_failure_record_roundtrip(tmp_path):
+    path = tmp_path / "results" / "s1" / "FAILED.json"
+    write_failure_record(path, stage="infer", slide_id="s1", cause="boom", error="SlideError")
+    rec = read_failure_record(path)
+    assert rec["stage"] == "infer" and rec["cause"] == "boom" and rec["slide_id"] == "s1"
+    assert rec["wsiscan_version"] and rec["time"]
+    assert not list(path.parent.glob("*.tmp"))
+    assert clear_failure_record(path) and not path.exists()
+    assert not clear_failure_record(path)
+    assert read_failure_record(path) is None
+
+
+def test_failed_slides_ignores_records_older_than_the_slide(tmp_path):
+    slides = {sid: tmp_path / f"{sid}.tif" for sid in ("a", "b", "c")}
+    for p in slides.values():
+        p.write_bytes(b"x")
+    for sid in ("a", "b"):
+        write_failure_record(
+            tmp_path / "results" / sid / "FAILED.json",
+            stage="mask",
+            slide_id=sid,
+            cause="bad",
+            error="SlideError",
+        )
+    past = time.time() - 100
+    for p in slides.values():
+        os.utime(p, (past, past))
+    for sid in ("a", "b"):
+        os.utime(tmp_path / "results" / sid / "FAILED.json", (past + 10, past + 10))
+    os.utime(slides["b"], (past + 20, past + 20))  # b's file was replaced after it failed
+    found = failed_slides(tmp_path / "results", {sid: [p] for sid, p in slides.items()})
+    assert list(found) == ["a"] and found["a"]["stage"] == "mask"
+
+
+def test_cli_records_a_failure_and_clears_it_on_success(capsys, tmp_path):
+    record = tmp_path / "results" / "s1" / "FAILED.json"
+    slide = tmp_path / "s1.tif"
+    r = Result(tmp_path, slide, "s1")
+    argv = ["--failure-record", record, *stage_args(r, "mask", Path("unused"))]
+    rc, err = run_cli(capsys, *argv)
+    assert_one_line_error(rc, err, "mask", "file not found")
+    rec = json.loads(record.read_text())
+    assert rec["stage"] == "mask" and rec["error"] == "SlideError"
+    assert "s1.tif" in rec["cause"] and "file not found" in rec["cause"]
+    write_tiff(slide, he_image(512, 640))
+    rc, err = run_cli(capsys, *argv)
+    assert rc == 0, err
+    assert not record.exists() and r.mask.is_file()
+
+
+def test_quarantine_leaves_unreadable_files_it_may_not_judge(tmp_path):
+    path = tmp_path / "tiles.h5"
+    path.write_bytes(b"data")
+    err = quarantine(
+        path, "s1", "tiles file is unreadable", PermissionError(13, "Permission denied")
+    )
+    assert path.exists() and "Permission denied" in err.cause and "moved" not in err.cause
+    err = quarantine(path, "s1", "tiles file is unreadable", OSError("bad signature"))
+    assert not path.exists() and (tmp_path / "tiles.h5.corrupt").read_bytes() == b"data"
+    assert "moved aside to tiles.h5.corrupt" in err.cause and "re-run" in err.cause
+
+
+# -- corrupt intermediates -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model_pt(tmp_path_factory) -> Path:
+    from wsiscan.model import init_model_checkpoint
+
+    path = tmp_path_factory.mktemp("model") / "init.pt"
+    init_model_checkpoint(path, width=0.125, seed=0)
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, model_pt) -> Result:
+    """A 1024x768 px slide through every per-slide stage; tests work on copies."""
+    root = tmp_path_factory.mktemp("finished")
+    r = Result(root, write_tiff(root / "s1.tif", he_image(768, 1024, seed=4)), "s1")
+    for stage in STAGES:
+        assert main([str(a) for a in stage_args(r, stage, model_pt)]) == 0, stage
+    return r
+
+
+@pytest.fixture
+def copy(finished: Result, tmp_path: Path) -> Result:
+    shutil.copytree(finished.root / "results", tmp_path / "results")
+    return Result(tmp_path, finished.slide, finished.sid)
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def spoil_chunk(path: Path, dataset: str, index: int = 0) -> None:
+    """Overwrite the middle of one compressed chunk of ``dataset`` (its inflate then fails)."""
+    with h5py.File(path, "r") as f:
+        info = f[dataset].id.get_chunk_info(index)
+    with open(path, "r+b") as fh:
+        fh.seek(info.byte_offset + info.size // 4)
+        fh.write(np.random.default_rng(0).bytes(max(8, info.size // 2)))
+
+
+@pytest.mark.parametrize(
+    ("stage", "name", "damage", "words"),
+    [
+        ("stitch", "tiles", "truncate", ["tiles file is not a readable HDF5 file"]),
+        ("stitch", "tiles", "chunk", ["tiles file has unreadable data"]),
+        ("infer", "rois", "garbage", ["ROI grid file is not a readable HDF5 file"]),
+        ("detect", "probmap", "truncate", ["probability map is not a readable HDF5 file"]),
+        ("detect", "probmap", "chunk", ["probability map has unreadable data"]),
+    ],
+)
+def test_corrupt_intermediate_is_moved_aside(capsys, copy, model_pt, stage, name, damage, words):
+    """The consumer names the file and the cause, moves the file to <name>.corrupt so that
+    Snakemake regenerates it on the next run, and writes nothing itself."""
+    target: Path = getattr(copy, name)
+    if damage == "truncate":
+        truncate(target)
+    elif damage == "chunk":
+        spoil_chunk(target, {"tiles": "tiles", "probmap": "prob"}[name])
+    else:
+        target.write_bytes(np.random.default_rng(1).bytes(4096))
+    outputs = {"infer": [copy.tiles], "stitch": [copy.probmap], "detect": [copy.lesions]}[stage]
+    for out in outputs:
+        out.unlink()
+    rc, err = run_cli(capsys, *stage_args(copy, stage, model_pt))
+    line = assert_one_line_error(rc, err, stage, "slide 's1'", target.name, *words)
+    assert f"moved aside to {target.name}.corrupt" in line and "re-run" in line
+    assert not target.exists() and Path(f"{target}.corrupt").is_file()
+    for out in outputs:
+        assert not out.exists() and not Path(f"{out}.tmp").exists()
+
+
+def test_evaluate_allow_missing_lists_a_corrupt_map(capsys, copy, tmp_path):
+    truncate(copy.probmap)
+    sheet = tmp_path / "slides.tsv"
+    sheet.write_text(HEADER + f"s1\t{copy.slide}\t\tnormal\ttest\n")
+    argv = ["evaluate", "--sheet", sheet, "--results", copy.root / "results", "--out"]
+    rc, err = run_cli(capsys, *argv, tmp_path / "c1", "--bootstrap", "0")
+    assert_one_line_error(rc, err, "evaluate", "slide 's1'", "probmap.h5", "moved aside")
+    truncate(Path(f"{copy.probmap}.corrupt"))  # the same damage, again in place
+    os.replace(f"{copy.probmap}.corrupt", copy.probmap)
+    rc, err = run_cli(capsys, *argv, tmp_path / "c2", "--bootstrap", "0", "--allow-missing")
+    assert rc == 0, err
+    metrics = json.loads((tmp_path / "c2" / "metrics.json").read_text())
+    assert metrics["n_slides"] == 0 and metrics["missing"][0]["slide_id"] == "s1"
+    assert "probmap.h5" in metrics["missing"][0]["cause"]
+
+
+# -- provenance ------------------------------------------------------------------------------------
+def test_every_output_records_version_and_model(capsys, finished, model_pt, tmp_path):
+    from wsiscan import __version__
+    from wsiscan.annotations import read_asap_xml
+    from wsiscan.model import file_checksum
+
+    sha = file_checksum(model_pt)
+    with h5py.File(finished.rois) as f:
+        assert f.attrs["wsiscan_version"] == __version__ and f.attrs["geometry_checksum"]
+    for path in (finished.tiles, finished.probmap):
+        with h5py.File(path) as f:
+            assert f.attrs["model_checksum"] == sha and f.attrs["wsiscan_version"] == __version__
+    score = json.loads(finished.score.read_text())
+    assert score["model_checksum"] == sha and score["wsiscan_version"] == __version__
+    meta = json.loads(finished.geojson.read_text())["wsiscan"]
+    assert meta["model_checksum"] == sha and meta["slide_id"] == "s1" and "threshold" in meta
+    xml = finished.xml.read_text()
+    assert f"model_checksum={sha}" in xml and f"wsiscan_version={__version__}" in xml
+    assert len(read_asap_xml(finished.xml)) == score["n_regions"]  # the comment is ignored
+
+    sheet = tmp_path / "slides.tsv"
+    sheet.write_text(HEADER + f"s1\t{finished.slide}\t\tnormal\ttest\n")
+    argv = ["evaluate", "--sheet", sheet, "--results", finished.root / "results", "--out"]
+    rc, err = run_cli(
+        capsys, *argv, tmp_path / "c", "--bootstrap", "0", "--model", model_pt,
+        "--config-checksum", "0123456789abcdef",
+    )  # fmt: skip
+    assert rc == 0, err
+    metrics = json.loads((tmp_path / "c" / "metrics.json").read_text())
+    assert metrics["model"] == {"path": str(model_pt), "sha256": sha}
+    assert metrics["model_checksums"] == [sha] and metrics["wsiscan_version"] == __version__
+    assert metrics["config_checksum"] == "0123456789abcdef"
+
+
+# -- write errors ----------------------------------------------------------------------------------
+def _limit_file_size(limit: int):
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+@pytest.mark.parametrize("stage", ["stitch", "infer"])
+def test_file_too_large_fails_cleanly(copy, model_pt, stage):
+    """RLIMIT_FSIZE makes every write past 1 KiB fail with EFBIG (a real write error; Python
+    ignores SIGXFSZ): one line with the cause, and no output, not even a half-written .tmp."""
+    out = {"stitch": copy.probmap, "infer": copy.tiles}[stage]
+    out.unlink()
+    argv = [str(a) for a in stage_args(copy, stage, model_pt)]
+    proc = subprocess.run(
+        [str(BIN / "wsiscan"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=snakemake_env(),
+        preexec_fn=_limit_file_size(1024),
+    )
+    assert_one_line_error(
+        proc.returncode, proc.stderr, stage, "slide 's1'", out.name, "nothing was written",
+        "File too large",
+    )  # fmt: skip
+    assert not out.exists() and not Path(f"{out}.tmp").exists()
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path):
+    """A 256 KiB tmpfs filled to the last byte (needs root and mount rights, else skipped)."""
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        with open(mnt / "filler", "wb", buffering=0) as fh:
+            try:
+                while True:
+                    fh.write(b"\0" * 4096)
+            except OSError:
+                pass
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize(
+    ("stage", "names"),
+    [
+        ("stitch", r"probmap\.h5|heatmap\.png"),
+        ("infer", r"tiles\.h5"),
+        ("detect", r"lesions\.(csv|geojson|xml)|score\.json"),
+    ],
+)
+def test_disk_full_fails_cleanly(capsys, copy, model_pt, full_disk, stage, names):
+    """ENOSPC on a real (tmpfs) file system: one line naming the output and the cause, and
+    nothing left in the full file system, not even a ``.tmp``."""
+    argv = stage_args(copy, stage, model_pt)
+    for flag in ("--out", "--qc", "--out-csv", "--out-score", "--out-geojson", "--out-xml"):
+        if flag in argv:
+            k = argv.index(flag) + 1
+            argv[k] = full_disk / Path(argv[k]).name
+    rc, err = run_cli(capsys, *argv)
+    line = assert_one_line_error(rc, err, stage, "slide 's1'", "No space left on device")
+    assert re.search(names, line) and re.search("nothing was written|cannot write", line), line
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]
+
+
+# -- Snakemake runs --------------------------------------------------------------------------------
+def write_config(root: Path, rows: list[str], **changes: dict) -> None:
+    """A fast config in ``root/config``: the given sheet rows, n = 20, untrained model."""
+    (root / "config").mkdir(exist_ok=True)
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg["samples"] = "config/slides.tsv"
+    cfg["demo"].update(width_px=1100, height_px=1100, mpp=1.0)  # >= 800 um a side (jitter)
+    cfg["scan"]["n"] = 20
+    cfg["train"]["rounds"] = 0
+    cfg["infer"].update(workers=1, batch_size=4, device="cpu")
+    cfg["evaluate"]["bootstrap"] = 20
+    for section, values in changes.items():
+        cfg[section].update(values)
+    (root / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    (root / "config" / "slides.tsv").write_text(HEADER + "".join(r + "\n" for r in rows))
+
+
+def set_config(root: Path, section: str, **values) -> None:
+    path = root / "config" / "config.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    cfg[section].update(values)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+def read_prob(path: Path) -> np.ndarray:
+    with h5py.File(path, "r") as f:
+        return f["prob"][()]
+
+
+@pytest.mark.slow
+def test_cohort_with_a_broken_slide(workdir):
+    """Slide ``bad`` has a tile that cannot be decoded: its infer job fails, the other slides (a
+    demo tumour slide and a blank one) finish under --keep-going. With evaluate.allow_missing the
+    next run evaluates them and lists ``bad`` as missing; replacing its file brings it back. A
+    corrupt tiles.h5 is moved aside by stitch and regenerated by the next run."""
+    root = workdir
+    (root / "slides").mkdir()
+    write_tiff(root / "slides" / "blank.tif", he_image(1200, 1500, tissue=False))
+    bad = write_tiff(root / "slides" / "bad.tif", he_image(1200, 1500, seed=5))
+    damage_tile(bad, (2, 2))
+    rows = [
+        "t1\tdata/demo/t1.tif\tdata/demo/t1.xml\ttumor\ttest",
+        "blank\tslides/blank.tif\t\tnormal\ttest",
+        "bad\tslides/bad.tif\t\tnormal\ttest",
+    ]
+    write_config(root, rows)
+    res = root / "results"
+
+    # 1. keep-going: bad fails at infer, the others finish; no evaluation, a message
+    proc = run_snakemake(root, "--cores", "2", "--keep-going", check=False)
+    assert proc.returncode != 0
+    for sid in ("t1", "blank"):
+        assert (res / sid / "lesions.csv").is_file(), proc.stderr[-3000:]
+        assert not (res / sid / "FAILED.json").exists()
+    blank = json.loads((res / "blank" / "score.json").read_text())
+    assert blank["score"] == 0.0 and blank["n_lesions"] == 0
+    record = json.loads((res / "bad" / "FAILED.json").read_text())
+    assert record["stage"] == "infer" and "level0_xy" in record["cause"]
+    assert not (res / "bad" / "tiles.h5").exists()
+    log = (res / "logs" / "infer" / "bad.log").read_text()
+    assert re.search(r"infer: error: slide 'bad' \(slides/bad.tif\): block \d+: cannot read", log)
+    assert not (res / "cohort" / "metrics.json").exists()
+    assert "1 slide(s) failed" in proc.stderr and "bad: infer failed" in proc.stderr
+    assert "evaluate.allow_missing: true" in proc.stderr
+
+    # 2. allow_missing: the evaluation runs without bad (which is retried, and fails again)
+    set_config(root, "evaluate", allow_missing=True)
+    proc = run_snakemake(root, "--cores", "2", "--keep-going", check=False)
+    assert proc.returncode != 0
+    metrics = json.loads((res / "cohort" / "metrics.json").read_text())
+    assert metrics["n_slides"] == 2 and metrics["n_tumor"] == 1
+    assert [(m["slide_id"], m["stage"]) for m in metrics["missing"]] == [("bad", "infer")]
+    assert metrics["model"]["path"] == "results/model/init.pt" and metrics["model"]["sha256"]
+    assert metrics["model_checksums"] == [metrics["model"]["sha256"]]
+    assert re.fullmatch(r"[0-9a-f]{16}", metrics["config_checksum"])
+
+    # 3. the slide file is replaced: its record is stale, it is scanned and evaluated
+    write_tiff(bad, he_image(1200, 1500, seed=5))
+    run_snakemake(root, "--cores", "2")
+    assert not (res / "bad" / "FAILED.json").exists()
+    metrics = json.loads((res / "cohort" / "metrics.json").read_text())
+    assert metrics["n_slides"] == 3 and metrics["missing"] == []
+
+    # 4. a corrupt intermediate: stitch moves it aside and fails ...
+    before = read_prob(res / "t1" / "probmap.h5")
+    truncate(res / "t1" / "tiles.h5")
+    proc = run_snakemake(root, "--cores", "2", check=False)
+    assert proc.returncode != 0
+    assert (res / "t1" / "tiles.h5.corrupt").is_file() and not (res / "t1" / "tiles.h5").exists()
+    assert "moved aside" in (res / "logs" / "stitch" / "t1.log").read_text()
+    assert json.loads((res / "t1" / "FAILED.json").read_text())["stage"] == "stitch"
+    # ... and the next run regenerates it (infer, stitch, detect), although the older lesions
+    # of t1 still exist; the evaluation planned without t1 lists it, the run after includes it
+    proc = run_snakemake(root, "--cores", "2")
+    assert "rule infer" in proc.stderr and not (res / "t1" / "FAILED.json").exists()
+    np.testing.assert_array_equal(read_prob(res / "t1" / "probmap.h5"), before)
+    assert [m["slide_id"] for m in json.loads((res / "cohort" / "metrics.json").read_text())[
+        "missing"]] == ["t1"]  # fmt: skip
+    proc = run_snakemake(root, "--cores", "2")
+    assert json.loads((res / "cohort" / "metrics.json").read_text())["missing"] == []
+    assert not list(res.rglob("*.tmp"))
+
+
+def _descendants(pid: int) -> list[int]:
+    """PIDs of every process below ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    except OSError:
+        return []
+
+
+@pytest.mark.slow
+def test_killed_infer_job_is_redone_and_identical(workdir):
+    """kill -9 of the ``wsiscan infer`` process of a Snakemake job after its first batches: the
+    job fails and leaves no tiles.h5; the next run redoes it, and the maps equal those of an
+    uninterrupted run (infer + stitch called directly on the same inputs)."""
+    from wsiscan.infer import infer_slide
+    from wsiscan.stitch import stitch_slide
+
+    root = workdir
+    (root / "slides").mkdir()
+    write_tiff(root / "slides" / "k1.tif", he_image(1024, 1280, seed=6))
+    write_config(root, ["k1\tslides/k1.tif\t\tnormal\ttest"], infer={"batch_size": 1, "workers": 0})
+    set_config(root, "scan", n=4)
+    proc = run_snakemake(root, "--cores", "2", "results/k1/rois.h5", "results/model/init.pt")
+    log = root / "results" / "logs" / "infer" / "k1.log"
+
+    cmd = [str(BIN / "snakemake"), "--snakefile", str(REPO / "workflow" / "Snakefile")]
+    cmd += ["--directory", str(root), "--cores", "2", "results/k1/tiles.h5"]
+    sm = subprocess.Popen(
+        cmd, cwd=root, env=snakemake_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    killed = None
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and sm.poll() is None:
+            text = log.read_text() if log.exists() else ""
+            done = [int(n) for n, total in re.findall(r"\| *(\d+)/(\d+) \[", text) if n != total]
+            if any(n > 0 for n in done):
+                for pid in _descendants(sm.pid):
+                    argv = _cmdline(pid)
+                    if any(a.endswith("wsiscan") for a in argv[:2]) and "infer" in argv:
+                        os.kill(pid, signal.SIGKILL)
+                        killed = pid
+                break
+            time.sleep(0.05)
+        out, _ = sm.communicate(timeout=120)
+    finally:
+        if sm.poll() is None:
+            sm.kill()
+    assert killed, f"infer was not caught half-way:\n{log.read_text() if log.exists() else ''}"
+    assert sm.returncode != 0 and "Error in rule infer" in out, out[-3000:]
+    assert not (root / "results" / "k1" / "tiles.h5").exists()
+
+    proc = run_snakemake(root, "--cores", "2", "--rerun-incomplete", "results/k1/probmap.h5")
+    assert "rule infer" in proc.stderr
+    res = root / "results" / "k1"
+    assert not list((root / "results").rglob("*.tmp"))
+
+    ref = root / "reference"
+    infer_slide(
+        root / "slides" / "k1.tif", res / "rois.h5", root / "results" / "model" / "init.pt",
+        ref / "tiles.h5", slide_id="k1", batch_size=1, num_workers=0, device="cpu",
+    )  # fmt: skip
+    stitch_slide(
+        ref / "tiles.h5", ref / "probmap.h5", None, slide_path=None, slide_id="k1",
+        threshold=0.5, opening_um=0.0, closing_um=0.0,
+    )  # fmt: skip
+    with h5py.File(res / "tiles.h5") as a, h5py.File(ref / "tiles.h5") as b:
+        np.testing.assert_array_equal(a["tiles"][()], b["tiles"][()])
+    with h5py.File(res / "probmap.h5") as a, h5py.File(ref / "probmap.h5") as b:
+        np.testing.assert_array_equal(a["prob"][()], b["prob"][()])
+        np.testing.assert_array_equal(a["mask"][()], b["mask"][()])

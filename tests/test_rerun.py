@@ -1,0 +1,181 @@
+"""Re-running one failed slide and config-edited cohort runs, with the local executor.
+
+A small cohort (two synthetic demo slides and one real slide file) runs once with a broken slide file
+under --keep-going (module fixture); each test works on a copy of that state:
+
+- fixing the slide and naming its target re-runs only that slide's jobs and the cohort evaluation;
+  every file of the other slides keeps its modification time;
+- changing detect.threshold re-runs detect (all slides) and evaluate, nothing upstream; changing
+  stitch.closing_um re-runs stitch, detect and evaluate, nothing upstream.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import DATA, REPO, run_snakemake
+
+pytestmark = pytest.mark.slow
+
+HEADER = "slide_id\tpath\tannotation\tlabel\tsplit\n"
+BROKEN = "bad"
+
+
+def write_small_demo(
+    workdir: Path, slides: list[tuple[str, str]], extra_rows: tuple[str, ...] = ()
+) -> None:
+    """Write a fast demo config into ``workdir/config``: the synthetic slides ``(id, label)`` of the
+    test split (small sizes, n = 8, untrained model: train.rounds 0), plus raw sheet rows."""
+    config_dir = workdir / "config"
+    config_dir.mkdir(exist_ok=True)
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg["samples"] = "config/slides.tsv"
+    cfg["demo"].update(width_px=2500, height_px=2000)
+    cfg["scan"]["n"] = 8
+    cfg["train"]["rounds"] = 0
+    cfg["infer"].update(workers=1, batch_size=4)
+    cfg["evaluate"]["bootstrap"] = 50
+    (config_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    rows = []
+    for sid, label in slides:
+        annotation = f"data/demo/{sid}.xml" if label == "tumor" else ""
+        rows.append(f"{sid}\tdata/demo/{sid}.tif\t{annotation}\t{label}\ttest\n")
+    rows += [r + "\n" for r in extra_rows]
+    (config_dir / "slides.tsv").write_text(HEADER + "".join(rows))
+
+
+def set_config(workdir: Path, section: str, key: str, value: object) -> None:
+    """Change one key of ``workdir/config/config.yaml``."""
+    path = workdir / "config" / "config.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    cfg[section][key] = value
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+def job_stats(output: str) -> Counter:
+    """The first "Job stats" table of a Snakemake log as ``{rule: count}`` (without the total)."""
+    match = re.search(r"Job stats:\n.*?\n-+\s+-+\n(.*?)\ntotal\s+\d+", output, re.S)
+    assert match, f"no job stats in:\n{output}"
+    return Counter({r: int(n) for r, n in re.findall(r"^(\S+)\s+(\d+)\s*$", match.group(1), re.M)})
+
+
+def mtimes(root: Path) -> dict[str, int]:
+    """Modification times (ns) of every file under ``root/results`` and ``root/data``."""
+    out = {}
+    for top in ("results", "data"):
+        for path in (root / top).rglob("*"):
+            if path.is_file():
+                out[str(path.relative_to(root))] = path.stat().st_mtime_ns
+    return out
+
+
+def belongs_to(rel: str, slide: str) -> bool:
+    """True for a results/data path of slide ``slide`` (its folder, logs or benchmarks)."""
+    parts = Path(rel).parts
+    return (
+        (len(parts) > 1 and parts[1] == slide)
+        or Path(rel).stem == slide
+        or Path(rel).name.startswith(f"{slide}.")
+    )
+
+
+@pytest.fixture(scope="module")
+def broken_cohort(tmp_path_factory) -> Path:
+    """A cohort run (keep-going) in which slide ``bad``'s file is not a slide: the others finish."""
+    root = tmp_path_factory.mktemp("broken_cohort")
+    (root / "slides").mkdir()
+    (root / "slides" / f"{BROKEN}.svs").write_bytes(b"this is not a slide\n" * 100)
+    write_small_demo(
+        root,
+        [("t1", "tumor"), ("n1", "normal")],
+        extra_rows=(f"{BROKEN}\tslides/{BROKEN}.svs\t\tnormal\ttest",),
+    )
+    proc = run_snakemake(root, "--cores", "2", "--keep-going", check=False)
+    assert proc.returncode != 0, "the broken slide must fail its job"
+    assert "tissue_mask" in proc.stderr and f"slide={BROKEN}" in proc.stderr
+    for sid in ("t1", "n1"):
+        assert (root / "results" / sid / "lesions.csv").is_file(), proc.stderr
+    assert not (root / "results" / BROKEN / "tissue.png").exists()
+    assert not (root / "results" / "cohort" / "metrics.json").exists()
+    log = (root / "results" / "logs" / "tissue_mask" / f"{BROKEN}.log").read_text()
+    assert BROKEN in log and "error" in log.lower()
+    return root
+
+
+def fresh_copy(src: Path, dst: Path) -> Path:
+    """Copy a cohort directory (with .snakemake metadata), keeping modification times."""
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def repaired_cohort(broken_cohort: Path, tmp_path_factory) -> tuple[Path, dict, str]:
+    """A copy of the broken cohort whose slide was fixed and re-run by naming its target and the
+    evaluation. Returns the directory, the mtimes before the fix and Snakemake's log."""
+    root = fresh_copy(broken_cohort, tmp_path_factory.mktemp("repaired") / "cohort")
+    before = mtimes(root)
+    shutil.copyfile(DATA / "cmu_small_region.svs", root / "slides" / f"{BROKEN}.svs")
+    target = [f"results/{BROKEN}/lesions.csv", "results/cohort/metrics.json"]
+    proc = run_snakemake(root, "--cores", "2", *target)
+    return root, before, proc.stderr
+
+
+def test_rerun_one_failed_slide(repaired_cohort: tuple[Path, dict, str]):
+    root, before, log = repaired_cohort
+    assert job_stats(log) == Counter(
+        {"tissue_mask": 1, "roi_grid": 1, "infer": 1, "stitch": 1, "detect": 1, "evaluate": 1}
+    )
+    for rel in ("lesions.csv", "score.json", "probmap.h5", "tiles.h5", "rois.h5", "tissue.png"):
+        assert (root / "results" / BROKEN / rel).is_file()
+    assert (root / "results" / "cohort" / "metrics.json").is_file()
+    after = mtimes(root)
+    others = {rel: t for rel, t in before.items() if not belongs_to(rel, BROKEN)}
+    assert any(rel.startswith("results/t1/") for rel in others)
+    changed = sorted(rel for rel, t in others.items() if after.get(rel) != t)
+    assert not changed, f"files of other slides were rewritten: {changed}"
+    # the cohort is now complete: nothing left to do
+    proc = run_snakemake(root, "--cores", "2", "--dry-run")
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_config_edit_reruns_the_stage_and_downstream_only(
+    repaired_cohort: tuple[Path, dict, str], tmp_path: Path
+):
+    root = fresh_copy(repaired_cohort[0], tmp_path / "cohort")
+    slides = ["t1", "n1", BROKEN]
+
+    # detection threshold: detect of every slide + the evaluation
+    before = mtimes(root)
+    set_config(root, "detect", "threshold", 0.3)
+    dry = run_snakemake(root, "--cores", "2", "--dry-run")
+    assert "Params have changed" in dry.stdout + dry.stderr
+    proc = run_snakemake(root, "--cores", "2")
+    assert job_stats(proc.stderr) == Counter({"detect": 3, "evaluate": 1, "all": 1})
+    after = mtimes(root)
+    for sid in slides:
+        for rel in ("lesions.csv", "score.json"):
+            assert after[f"results/{sid}/{rel}"] > before[f"results/{sid}/{rel}"]
+        for rel in ("probmap.h5", "tiles.h5", "rois.h5", "tissue.png", "qc/heatmap.png"):
+            assert after[f"results/{sid}/{rel}"] == before[f"results/{sid}/{rel}"], rel
+    assert after["results/cohort/metrics.json"] > before["results/cohort/metrics.json"]
+    assert after["results/model/init.pt"] == before["results/model/init.pt"]
+    upstream = [r for r in before if r.startswith("data/")]
+    assert upstream and all(after[r] == before[r] for r in upstream)
+
+    # stitch morphology: stitch, detect and evaluate; inference stays
+    before = after
+    set_config(root, "stitch", "closing_um", 40.0)
+    proc = run_snakemake(root, "--cores", "2")
+    assert job_stats(proc.stderr) == Counter({"stitch": 3, "detect": 3, "evaluate": 1, "all": 1})
+    after = mtimes(root)
+    for sid in slides:
+        assert after[f"results/{sid}/probmap.h5"] > before[f"results/{sid}/probmap.h5"]
+        assert after[f"results/{sid}/lesions.csv"] > before[f"results/{sid}/lesions.csv"]
+        for rel in ("tiles.h5", "rois.h5", "tissue.png"):
+            assert after[f"results/{sid}/{rel}"] == before[f"results/{sid}/{rel}"], rel

@@ -30,7 +30,6 @@ from typing import Any, TypeVar
 
 import imagecodecs
 import numpy as np
-import tifffile
 from scipy import ndimage as ndi
 
 from wsiscan import synth
@@ -219,25 +218,9 @@ def write_fast_slide(
     tmp = path.with_name(path.name + ".tmp")
     w0, h0 = sizes[0]
     try:
-        with tifffile.TiffWriter(tmp, bigtiff=w0 * h0 * 3 > 2**31) as tif:
-            for level, (w, h) in enumerate(sizes):
-                res = 1e4 / (mpp * w0 / w), 1e4 / (mpp * h0 / h)  # pixels per centimetre
-                tif.write(
-                    data=level_tiles(level),
-                    shape=(h, w, 3),
-                    dtype=np.uint8,
-                    photometric="rgb",
-                    tile=(TILE_PX, TILE_PX),
-                    compression="jpeg",
-                    compressionargs={"level": JPEG_QUALITY},
-                    subsampling=JPEG_SUBSAMPLING,
-                    resolution=res,
-                    resolutionunit="CENTIMETER",
-                    subfiletype=0 if level == 0 else 1,
-                    description="wsiscan benchmark slide" if level == 0 else None,
-                    software="wsiscan-benchmarks",
-                    metadata=None,
-                )
+        synth.write_pages(
+            tmp, sizes, level_tiles, mpp, w0 * h0 * 3 > 2**31, "wsiscan benchmark slide"
+        )
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -1219,7 +1219,7 @@ def write_pyramid(
             return level0_tiles() if level == 0 else sinks[level - 1].read_tiles()
 
         try:
-            _write_pages(tmp, sizes, gen_page, plan.mpp, bigtiff, description)
+            write_pages(tmp, sizes, gen_page, plan.mpp, bigtiff, description)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -1227,7 +1227,7 @@ def write_pyramid(
     return out.stat().st_size
 
 
-def _write_pages(tmp: Path, sizes, gen_page, mpp: float, bigtiff: bool, description: str) -> None:
+def write_pages(tmp: Path, sizes, gen_page, mpp: float, bigtiff: bool, description: str) -> None:
     """One tiled JPEG page per level (pre-encoded tiles), resolution tags in pixels per cm."""
     w0, h0 = sizes[0]
     with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tif:

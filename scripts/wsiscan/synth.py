@@ -14,10 +14,14 @@ Appearance (Beer-Lambert mix of haematoxylin and eosin optical densities):
 * background: glass at ~240 with slight noise, pen strokes (blue/green/black) and dust on some slides;
 * normal lymph-node tissue: pink fibrous stroma (eosin) densely packed with small dark round nuclei
   (lymphocyte-like, radius ~3-4 um);
-* tumour: larger (5-7.5 um), paler, irregular, vesicular nuclei with a dark rim, coarse chromatin and
-  nucleoli, on slightly paler, more purple stroma: a texture difference (mean colour kept close);
-* tumour mimics on some slides: germinal-centre-like clusters of larger, paler but round and smooth
-  nuclei, where hard-negative mining matters.
+* tumour: larger (4.4-6.4 um), paler, irregular, vesicular nuclei with a dark rim, coarse chromatin
+  and nucleoli, a fifth of the positions left to infiltrating lymphocytes, on stroma of almost the
+  same colour (a little less collagen, slightly more purple): a texture difference, not a colour
+  shift;
+* tumour mimics on every normal slide and most tumour slides: germinal-centre-like clusters of
+  nuclei as large as tumour nuclei but round, smooth and solid (no rim, no nucleoli), mixed with
+  lymphocytes. A model trained on random patches scores them as tumour at first; hard-negative
+  mining is what teaches it the difference.
 
 Lesions (tumour slides): macro-metastases (0.8-1.5 mm major axis on demo-size slides, up to 4 mm on
 Camelyon-size ones), micro-metastases (0.3-0.8 mm), ITC-sized clusters (major axis 50-150 um, so
@@ -81,9 +85,9 @@ STROMA_E = 0.34
 STROMA_H = 0.07
 FIBRE_AMP = 0.24
 BLOTCH_AMP = 0.16  # isotropic stroma texture (~3 um)
-TUMOUR_FIBRE_FACTOR = 0.35  # tumour nests show little collagen
-TUMOUR_E_FACTOR = 0.80  # tumour stroma: paler ...
-TUMOUR_H_ADD = 0.11  # ... and more purple (cytoplasm)
+TUMOUR_FIBRE_FACTOR = 0.70  # tumour nests show less collagen
+TUMOUR_E_FACTOR = 0.92  # tumour stroma: slightly paler ...
+TUMOUR_H_ADD = 0.04  # ... and a little more purple (cytoplasm)
 PIXEL_NOISE_OD = 0.018
 
 
@@ -122,37 +126,37 @@ LYMPHOCYTE = NucleusKind(
 )
 TUMOUR = NucleusKind(
     "tumour",
-    radius_um=(4.8, 7.2),
-    aspect=(1.1, 1.7),
-    roughness=0.12,
-    h_inside=(0.55, 0.8),
-    h_rim=1.55,
-    rim_um=0.9,
-    speckle=0.30,
+    radius_um=(4.4, 6.4),
+    aspect=(1.1, 1.6),
+    roughness=0.10,
+    h_inside=(0.65, 0.9),
+    h_rim=1.5,
+    rim_um=0.8,
+    speckle=0.26,
     speckle_um=0.7,
     nucleoli=(1, 2),
-    nucleolus_um=0.9,
-    spacing_um=13.5,
+    nucleolus_um=0.85,
+    spacing_um=12.5,
 )
 MIMIC = NucleusKind(
     "mimic",
-    radius_um=(4.2, 5.6),
+    radius_um=(4.2, 5.8),
     aspect=(1.0, 1.25),
     roughness=0.03,
-    h_inside=(0.95, 1.15),
-    h_rim=1.15,
+    h_inside=(1.0, 1.25),
+    h_rim=1.1,
     rim_um=0.7,
-    speckle=0.12,
+    speckle=0.10,
     speckle_um=0.6,
-    nucleoli=(0, 1),
-    nucleolus_um=0.6,
+    nucleoli=(0, 0),
+    nucleolus_um=0.0,
     spacing_um=11.0,
 )
 KINDS = (LYMPHOCYTE, TUMOUR, MIMIC)
-TIL_FRACTION = 0.07  # lymphocytes kept inside tumour
-GC_LYMPHOCYTES = 0.25  # lymphocytes kept inside mimic regions
+TIL_FRACTION = 0.20  # lymphocytes kept inside tumour
+GC_LYMPHOCYTES = 0.40  # lymphocytes kept inside mimic regions
 HISTIOCYTE_FRACTION = 0.02  # mimic-like nuclei scattered in normal tissue
-TUMOUR_FILL = 0.93  # fraction of tumour lattice positions holding a nucleus
+TUMOUR_FILL = 0.80  # fraction of tumour lattice positions holding a nucleus
 MIMIC_FILL = 0.85
 
 
@@ -642,11 +646,13 @@ def _try_exclusion(rng, host: Lesion, mpp: float) -> np.ndarray | None:
 
 
 def _plan_mimics(rng, plan: SlidePlan, dist_in: np.ndarray, occupied: np.ndarray) -> None:
-    """Germinal-centre-like clusters of larger, paler round nuclei on some slides."""
-    if rng.random() >= 0.7:
+    """Germinal-centre-like clusters of larger, paler round nuclei: on every normal slide (2 or
+    more, so a normal slide is never trivially clean) and on most tumour slides."""
+    if rng.random() >= 0.7 and plan.label == "tumor":
         return
     tissue_mm2 = plan.tissue_fraction * plan.width_px * plan.height_px * plan.mpp**2 / 1e6
-    n = int(rng.integers(1, 4 + max(1, round(tissue_mm2 / 4))))
+    lo = 2 if plan.label == "normal" else 1
+    n = int(rng.integers(lo, lo + 3 + max(1, round(tissue_mm2 / 4))))
     clear = ndimage.distance_transform_edt(~occupied) * FIELD_CELL_UM if occupied.any() else None
     taken = np.zeros_like(occupied)
     for _ in range(n):

@@ -2,7 +2,7 @@
 
 ``train_throughput``: samples per second of :func:`wsiscan.train.train_round` on demo slides
 (written by :func:`wsiscan.synth.synth_slide`, mask by the tissue stage, a few hundred samples by
-:func:`wsiscan.train.generate_samples`) with 0 loader workers (patches read and augmented in the
+:func:`wsiscan.samples.generate_samples`) with 0 loader workers (patches read and augmented in the
 training process, between steps) against N worker processes that read ahead while the model
 trains (the asynchronous prefetching of Fast ScanNet). Each variant trains 2 short epochs of
 the demo model (width 1/8, batch 32); the figure is the second epoch's samples/s (persistent
@@ -44,11 +44,11 @@ DEMO_SEED = 2018
 def demo_slides(folder: Path, smoke: bool, synth_workers: int = 1) -> list[Any]:
     """One tumour and one normal demo slide with their tissue masks, cached in ``folder``.
 
-    Returns :class:`wsiscan.train.TrainSlide` records.
+    Returns :class:`wsiscan.samples.TrainSlide` records.
     """
+    from wsiscan.samples import TrainSlide
     from wsiscan.synth import synth_slide
     from wsiscan.tissue import compute_tissue_mask
-    from wsiscan.train import TrainSlide
 
     w, h = (2000, 1800) if smoke else (7000, 5000)
     slides = []
@@ -104,7 +104,9 @@ def measure_throughput(
     """
     import torch
 
-    from wsiscan.train import SampleParams, TrainParams, generate_samples, train_round
+    from wsiscan.params import TrainParams
+    from wsiscan.samples import SampleParams, generate_samples
+    from wsiscan.train import train_round
 
     saved_threads = torch.get_num_threads()
     runs: dict[int, list[dict[str, Any]]] = {0: [], workers: []}

@@ -26,21 +26,18 @@ from wsiscan import cli
 from wsiscan.annotations import Annotation, write_asap_xml
 from wsiscan.grid import compute_grid
 from wsiscan.model import ScanNet, load_checkpoint, save_checkpoint, to_tensor
-from wsiscan.slide import open_slide
-from wsiscan.tissue import compute_tissue_mask, read_tissue_mask
-from wsiscan.train import (
-    AugmentParams,
+from wsiscan.params import AugmentParams, TrainParams
+from wsiscan.samples import (
     SampleParams,
-    TrainParams,
     TrainSlide,
-    augment_patch,
-    compose_epoch,
     generate_samples,
     read_sample_table,
     split_validation_slides,
-    train_round,
     water_fill,
 )
+from wsiscan.slide import open_slide
+from wsiscan.tissue import compute_tissue_mask, read_tissue_mask
+from wsiscan.train import augment_patch, compose_epoch, train_round
 
 from .conftest import REPO, run_snakemake
 

@@ -560,7 +560,7 @@ def _add_stitch(sub: argparse._SubParsersAction) -> None:
 # -- train-samples -------------------------------------------------------------------------------
 def _run_train_samples(a: argparse.Namespace) -> object:
     from .errors import ConfigError
-    from .train import SampleParams, TrainSlide, generate_samples
+    from .samples import SampleParams, TrainSlide, generate_samples
 
     slides = []
     for fields in a.slide:
@@ -586,7 +586,7 @@ def _run_train_samples(a: argparse.Namespace) -> object:
 
 def _add_train_samples(sub: argparse._SubParsersAction) -> None:
     from .geometry import ARCHITECTURES
-    from .train import SampleParams
+    from .samples import SampleParams
 
     d = SampleParams()
     p = _stage(
@@ -635,7 +635,8 @@ def _add_train_samples(sub: argparse._SubParsersAction) -> None:
 
 # -- train-round ---------------------------------------------------------------------------------
 def _run_train_round(a: argparse.Namespace) -> object:
-    from .train import AugmentParams, TrainParams, train_round
+    from .params import AugmentParams, TrainParams
+    from .train import train_round
 
     params = TrainParams(
         round_index=a.round,
@@ -684,7 +685,7 @@ def _run_train_round(a: argparse.Namespace) -> object:
 
 def _add_train_round(sub: argparse._SubParsersAction) -> None:
     from .geometry import ARCHITECTURES
-    from .train import AugmentParams, TrainParams
+    from .params import AugmentParams, TrainParams
 
     d, aug = TrainParams(), AugmentParams()
     p = _stage(

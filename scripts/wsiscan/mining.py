@@ -38,7 +38,7 @@ import numpy as np
 
 from .errors import ConfigError
 from .geometry import Geometry
-from .train import (
+from .samples import (
     LABEL_NORMAL,
     MAX_RASTER_SIDE,
     SampleTable,

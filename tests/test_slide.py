@@ -1,12 +1,20 @@
-"""Slide I/O on a real Aperio file through OpenSlide."""
+"""Slide I/O on a real Aperio file through OpenSlide, and the direct level-0 tile reader."""
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import numpy as np
 import pytest
+import tifffile
 
+from wsiscan import slide as slide_mod
 from wsiscan.errors import SlideError
 from wsiscan.slide import check_slide_id, open_slide
+from wsiscan.synth import synth_slide
+
+from .test_bad_input import damage_tile, he_image, write_tiff
 
 
 def test_real_svs_opens_and_reads(cmu_svs):
@@ -58,3 +66,89 @@ def test_slide_id_rules(bad):
     with pytest.raises(ValueError):
         check_slide_id(bad)
     assert check_slide_id("Test_001.v2-a") == "Test_001.v2-a"
+
+
+# -- the direct level-0 reader ---------------------------------------------------------------------
+def _regions(w: int, h: int, n: int, seed: int) -> list[tuple[int, int, int, int]]:
+    """Regions (x, y, width, height) of every kind: random, across each edge, outside, 1 px."""
+    rng = np.random.default_rng(seed)
+    fixed = [(-100, -50, 400, 300), (w - 300, h - 200, 500, 400), (w + 10, 0, 50, 50)]
+    fixed += [(0, 0, 7, 5), (w // 2, h // 2, 1, 1), (0, h - 256, w, 256)]
+    rand = [
+        (int(rng.integers(-300, w)), int(rng.integers(-300, h)), *map(int, rng.integers(1, 900, 2)))
+        for _ in range(n)
+    ]
+    return fixed + rand
+
+
+def _assert_same_as_openslide(path: Path, seed: int) -> None:
+    with open_slide(path, "s") as fast, open_slide(path, "s", direct_tiles=False) as ref:
+        w, h = ref.dimensions
+        for x, y, rw, rh in _regions(w, h, 25, seed):
+            a, b = fast.read_rgb((x, y), 0, (rw, rh)), ref.read_rgb((x, y), 0, (rw, rh))
+            assert np.array_equal(a, b), (path.name, x, y, rw, rh)
+        assert fast.reads_tiles_directly and not ref.reads_tiles_directly
+
+
+def test_direct_reader_equals_openslide_on_aperio_svs(cmu_svs):
+    """Aperio SVS: RGB-coded JPEG tiles with shared JPEG tables."""
+    _assert_same_as_openslide(cmu_svs, seed=1)
+
+
+def test_direct_reader_equals_openslide_on_a_pyramidal_tiff(tmp_path):
+    """The demo writer's pyramid: YCbCr 4:2:0 JPEG tiles, as Camelyon16's TIFFs."""
+    tif, xml = tmp_path / "t.tif", tmp_path / "t.xml"
+    synth_slide("unit_tumor_01", "tumor", 3, tif, xml, 1801, 1701, 0.5, size_jitter=0.0)
+    _assert_same_as_openslide(tif, seed=2)
+
+
+def test_other_layouts_are_read_through_openslide(tmp_path):
+    """A tiled pyramid with zlib tiles: the direct reader steps aside, reads stay right."""
+    rgb = he_image(600, 700, seed=4)
+    path = tmp_path / "zlib.tif"
+    with tifffile.TiffWriter(path) as tw:
+        for k, f in enumerate((1, 4)):
+            res = 1e4 / (0.5 * f)
+            tw.write(
+                np.ascontiguousarray(rgb[::f, ::f]),
+                tile=(256, 256),
+                photometric="rgb",
+                compression="zlib",
+                subfiletype=1 if k else 0,
+                resolution=(res, res),
+                resolutionunit="CENTIMETER",
+            )
+    with open_slide(path, "z") as s:
+        assert np.array_equal(s.read_rgb((0, 0), 0, (700, 600)), rgb)
+        assert not s.reads_tiles_directly
+
+
+def test_direct_reader_that_disagrees_steps_aside(tmp_path, monkeypatch, caplog):
+    """The self-check at the first level-0 read: a decoder giving other pixels than OpenSlide is
+    not used (a warning says so) and the reads come from OpenSlide."""
+    path = write_tiff(tmp_path / "s.tif", he_image(512, 768, seed=5))
+    real_read = slide_mod._DirectTiles.read
+
+    def off_by_one(self, x0, y0, w, h):
+        out = real_read(self, x0, y0, w, h)
+        return None if out is None else out ^ np.uint8(1)
+
+    monkeypatch.setattr(slide_mod._DirectTiles, "read", off_by_one)
+    with caplog.at_level(logging.WARNING), open_slide(path, "s") as s:
+        with open_slide(path, "s", direct_tiles=False) as ref:
+            assert np.array_equal(
+                s.read_rgb((5, 7), 0, (300, 200)), ref.read_rgb((5, 7), 0, (300, 200))
+            )
+        assert not s.reads_tiles_directly
+    assert "differs from OpenSlide" in caplog.text and "s:" in caplog.text
+
+
+def test_damaged_tile_through_the_direct_reader_names_the_region(tmp_path):
+    path = write_tiff(tmp_path / "bad.tif", he_image(768, 1024, seed=6))
+    damage_tile(path, (3, 2))  # level-0 x in [768, 1024), y in [512, 768); the centre is fine
+    with open_slide(path, "bad") as s:
+        s.read_rgb((300, 300), 0, (100, 100))
+        assert s.reads_tiles_directly
+        with pytest.raises(SlideError) as info:
+            s.read_rgb((700, 500), 0, (200, 100))
+    assert "level0_xy=(700, 500)" in str(info.value) and "bad.tif" in str(info.value)

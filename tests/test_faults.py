@@ -462,7 +462,9 @@ def test_killed_infer_job_is_redone_and_identical(workdir):
             if any(n > 0 for n in done):
                 for pid in _descendants(sm.pid):
                     argv = _cmdline(pid)
-                    if any(a.endswith("wsiscan") for a in argv[:2]) and "infer" in argv:
+                    # `wsiscan infer ...`, or `python -m wsiscan infer ...` once it restarted
+                    # itself with the allocator settings (wsiscan.cli.MALLOC_TUNING)
+                    if "infer" in argv and any(a.endswith("wsiscan") for a in argv[:3]):
                         os.kill(pid, signal.SIGKILL)
                         killed = pid
                 break

@@ -8,6 +8,12 @@ the crop at the slide edge and that blocks crossing the slide border read white 
 from __future__ import annotations
 
 import math
+import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -16,6 +22,7 @@ import tifffile
 import torch
 
 from wsiscan import __version__
+from wsiscan.cli import MALLOC_TUNING, NO_MALLOC_TUNING_ENV, malloc_tuning_applies
 from wsiscan.cli import main as cli_main
 from wsiscan.dense import patch_classifier
 from wsiscan.errors import SlideError
@@ -281,6 +288,32 @@ def test_infer_errors_leave_no_output(slide, model_file, tmp_path, capsys):
     )  # fmt: skip
     assert code == 1 and "bad.pt" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc malloc settings")
+def test_infer_command_restarts_with_malloc_settings(slide, model_file, tmp_path):
+    """The ``wsiscan`` command of a torch stage runs with the allocator settings in its
+    environment (one restart of itself), unless switched off; the tiles are the same."""
+    slide_path, _ = slide
+    rois = write_rois(tmp_path / "rois.h5", all_blocks())
+    wsiscan = Path(sys.executable).with_name("wsiscan")
+    env = {k: v for k, v in os.environ.items() if k not in MALLOC_TUNING}
+    tiles = {}
+    for tuning in ("1", "0"):
+        out = tmp_path / f"tiles{tuning}.h5"
+        res = subprocess.run(
+            [wsiscan, "-v", "infer", "--slide", slide_path, "--slide-id", "synthetic",
+             "--rois", rois, "--model", model_file, "--out", out, "--workers", "0",
+             "--device", "cpu"],
+            env=env | {NO_MALLOC_TUNING_ENV: tuning}, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        settings = re.search(r"glibc malloc settings: (.*)", res.stderr).group(1)
+        assert settings == (str(MALLOC_TUNING) if tuning == "1" else "defaults"), res.stderr
+        with h5py.File(out, "r") as f:
+            tiles[tuning] = f["tiles"][:]
+    assert np.array_equal(tiles["1"], tiles["0"])
+    assert malloc_tuning_applies("train-round", {}) and not malloc_tuning_applies("stitch", {})
+    assert not malloc_tuning_applies("infer", {"MALLOC_TRIM_THRESHOLD_": "1"})  # the user's own
 
 
 def test_mask_in_strips_equals_whole_map():

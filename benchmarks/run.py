@@ -38,7 +38,7 @@ from collections import deque
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-MODULES = ["bench_model", "bench_pipeline", "bench_train", "bench_dag", "bench_gpu"]
+MODULES = ["bench_model", "bench_pipeline", "bench_io", "bench_train", "bench_dag", "bench_gpu"]
 TABLE_BEGIN = "<!-- results-table:begin -->"
 TABLE_END = "<!-- results-table:end -->"
 GPU_TABLE_BEGIN = "<!-- results-table-gpu:begin -->"
@@ -203,11 +203,20 @@ def refresh_readme(report: dict, readme: Path = HERE / "README.md", latest: Path
 def run_child(name: str, smoke: bool, timeout_s: float | None = None) -> dict:
     """Run benchmark ``name`` in a fresh process (its own session); return its result or
     ``{"error": ...}``. The child's stderr streams through; on timeout its whole process group
-    (DataLoader workers included) is killed."""
+    (DataLoader workers included) is killed. The child gets the glibc allocator settings of the
+    torch stages (unless ``WSISCAN_MALLOC_TUNING=0``)."""
+    from wsiscan.cli import MALLOC_TUNING, malloc_tuning_applies
+
     cmd = [sys.executable, "-m", "benchmarks.run", "--one", name] + (["--smoke"] if smoke else [])
+    # the allocator settings the torch stages give themselves (wsiscan.cli), so that stages run
+    # in-process are measured as the `wsiscan` command runs them (`malloc` compares both)
+    env = dict(os.environ)
+    if malloc_tuning_applies("infer", env):
+        env.update(MALLOC_TUNING)
     proc = subprocess.Popen(
         cmd,
         cwd=HERE.parent,
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -292,8 +292,13 @@ def _child_peak_rss(cmd: list[str]) -> tuple[float, float, str]:
     """Run ``cmd`` in a fresh child; return (its own peak RSS in MiB, wall seconds, log tail).
 
     The child is forked from a small launcher process and reaped with ``os.wait4``, so the
-    figure is that child's alone: neither this process's memory nor any other child's.
+    figure is that child's alone: neither this process's memory nor any other child's. It runs
+    with glibc's default allocator settings, as every stage but the torch ones does (benchmark
+    processes carry the torch stages' settings, see ``benchmarks/run.py``).
     """
+    from wsiscan.cli import MALLOC_TUNING
+
+    env = {k: v for k, v in os.environ.items() if k not in MALLOC_TUNING}
     with tempfile.TemporaryDirectory(prefix="wsiscan-rss-") as tmp:
         usage_json, err_txt = Path(tmp) / "usage.json", Path(tmp) / "stderr.txt"
         t0 = time.perf_counter()
@@ -302,6 +307,7 @@ def _child_peak_rss(cmd: list[str]) -> tuple[float, float, str]:
                 [sys.executable, "-c", _RSS_LAUNCHER, str(usage_json), *cmd],
                 stdout=subprocess.DEVNULL,
                 stderr=err,
+                env=env,
             )
         wall = time.perf_counter() - t0
         text = err_txt.read_text()

@@ -43,6 +43,8 @@ TABLE_BEGIN = "<!-- results-table:begin -->"
 TABLE_END = "<!-- results-table:end -->"
 GPU_TABLE_BEGIN = "<!-- results-table-gpu:begin -->"
 GPU_TABLE_END = "<!-- results-table-gpu:end -->"
+#: Benchmarks of stages that run with glibc's default allocator settings (not torch stages).
+DEFAULT_MALLOC = frozenset({"mask_grid", "stitch_rss", "dag"})
 #: The latest result of every benchmark, whichever run it came from (the README tables' source).
 LATEST = HERE / "results" / "latest.json"
 
@@ -204,14 +206,16 @@ def run_child(name: str, smoke: bool, timeout_s: float | None = None) -> dict:
     """Run benchmark ``name`` in a fresh process (its own session); return its result or
     ``{"error": ...}``. The child's stderr streams through; on timeout its whole process group
     (DataLoader workers included) is killed. The child gets the glibc allocator settings of the
-    torch stages (unless ``WSISCAN_MALLOC_TUNING=0``)."""
+    torch stages (unless ``WSISCAN_MALLOC_TUNING=0`` or the benchmark is in
+    :data:`DEFAULT_MALLOC`)."""
     from wsiscan.cli import MALLOC_TUNING, malloc_tuning_applies
 
     cmd = [sys.executable, "-m", "benchmarks.run", "--one", name] + (["--smoke"] if smoke else [])
     # the allocator settings the torch stages give themselves (wsiscan.cli), so that stages run
-    # in-process are measured as the `wsiscan` command runs them (`malloc` compares both)
+    # in-process are measured as the `wsiscan` command runs them (`malloc` compares both); the
+    # benchmarks of the other stages run with glibc's defaults, as those stages do
     env = dict(os.environ)
-    if malloc_tuning_applies("infer", env):
+    if name not in DEFAULT_MALLOC and malloc_tuning_applies("infer", env):
         env.update(MALLOC_TUNING)
     proc = subprocess.Popen(
         cmd,

@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.bench_pipeline import CAMELYON_MPP, _mask_and_grid
+from benchmarks.bench_pipeline import _mask_and_grid
 from benchmarks.common import cache_dir, figure, interleaved_medians, load_average, round_sig
-from benchmarks.synthetic import cached_slide
+from benchmarks.synthetic import camelyon_slide, infer_test_slide
 
 BLOCK_READ_GOAL = 2.0  # the direct reader must at least halve the per-block read time
 
@@ -53,15 +53,7 @@ def bench_block_read(smoke: bool) -> dict[str, Any]:
     from wsiscan.slide import open_slide
 
     side = Geometry.for_arch("vgg16", n=10 if smoke else 82, alpha=2).block_side
-    w, h = (3000, 2400) if smoke else (100_000, 80_000)
-    info = cached_slide(
-        cache_dir(smoke) / f"camelyon_{w}x{h}.tif",
-        width_px=w,
-        height_px=h,
-        mpp=CAMELYON_MPP,
-        tissue_fraction=0.25,
-        seed=0,
-    )
+    info = camelyon_slide(cache_dir(smoke), smoke)
     path = Path(info["path"])
     n_blocks = 4 if smoke else 24
     with open_slide(path, "bench") as fast, open_slide(path, "bench", direct_tiles=False) as ref:
@@ -132,16 +124,7 @@ def bench_malloc(smoke: bool) -> dict[str, Any]:
 
     if not sys.platform.startswith("linux"):
         raise RuntimeError("the allocator settings are glibc's (Linux)")
-    w, h = (1400, 1200) if smoke else (8000, 7000)
-    info = cached_slide(
-        cache_dir(smoke) / f"infer_{w}x{h}.tif",
-        width_px=w,
-        height_px=h,
-        mpp=CAMELYON_MPP,
-        tissue_fraction=0.3,
-        seed=1,
-        pool_region_px=1024 if smoke else 2048,
-    )
+    info = infer_test_slide(cache_dir(smoke), smoke, 8000, 7000)
     slide = Path(info["path"])
     threads = str(max(1, len(os.sched_getaffinity(0))))
     base_env = {k: v for k, v in os.environ.items() if k not in MALLOC_TUNING}

@@ -36,9 +36,14 @@ from benchmarks.common import (
     one_core,
     round_sig,
 )
-from benchmarks.synthetic import cached_slide, write_tiles_h5
+from benchmarks.synthetic import (
+    CAMELYON_MPP,
+    cached_slide,
+    camelyon_slide,
+    infer_test_slide,
+    write_tiles_h5,
+)
 
-CAMELYON_MPP = 0.243
 MASK_GRID_GOAL_S = 10.0
 OVERLAP_GOAL = 1.1
 STITCH_RSS_GOAL_MIB = 2048.0
@@ -74,16 +79,7 @@ def _mask_and_grid(
 # -- mask_grid -----------------------------------------------------------------------------------
 def bench_mask_grid(smoke: bool) -> dict[str, Any]:
     """Tissue mask + ROI grid of a Camelyon-scale slide on one core (median of 3 after warm-up)."""
-    w, h = (3000, 2400) if smoke else (100_000, 80_000)
-    slide = cached_slide(
-        cache_dir(smoke) / f"camelyon_{w}x{h}.tif",
-        width_px=w,
-        height_px=h,
-        mpp=CAMELYON_MPP,
-        tissue_fraction=0.25,
-        seed=0,
-        pool_region_px=1024 if smoke else 2048,
-    )
+    slide = camelyon_slide(cache_dir(smoke), smoke)
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="wsiscan-bench-") as tmp, one_core() as core:
         load_before = load_average()
@@ -106,7 +102,11 @@ def bench_mask_grid(smoke: bool) -> dict[str, Any]:
             figure("mask_plus_grid_wall_s", med("mask_s", "grid_s"), "s wall, 1 core"),
             figure("mask_wall_s", med("mask_s"), "s wall, 1 core"),
             figure("grid_wall_s", med("grid_s"), "s wall, 1 core"),
-            figure("blocks", last["blocks"], f"blocks (n=82, alpha=2), {w}x{h} px"),
+            figure(
+                "blocks",
+                last["blocks"],
+                f"blocks (n=82, alpha=2), {slide['width_px']}x{slide['height_px']} px",
+            ),
             figure("tissue_fraction", last["tissue_fraction"], "of the slide"),
         ],
         "slide": slide,
@@ -158,16 +158,7 @@ def bench_infer_pipeline(smoke: bool) -> dict[str, Any]:
     threads = max(1, cpus - workers)
     # 16000 x 14000 px (~780 blocks): long enough that the loader's start-up (forking a worker,
     # opening the slide: ~0.15 s before the first batch) is a small part of the stage
-    w, h = (1400, 1200) if smoke else (16000, 14000)
-    slide = cached_slide(
-        cache_dir(smoke) / f"infer_{w}x{h}.tif",
-        width_px=w,
-        height_px=h,
-        mpp=CAMELYON_MPP,
-        tissue_fraction=0.3,
-        seed=1,
-        pool_region_px=1024 if smoke else 2048,
-    )
+    slide = infer_test_slide(cache_dir(smoke), smoke, 16000, 14000)
     slide_path = Path(slide["path"])
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -255,6 +255,39 @@ def cached_slide(path: Path, **kwargs: Any) -> dict[str, Any]:
     return {**info, "cached": False}
 
 
+#: Level-0 resolution of the benchmark slides (um/px), that of Camelyon16's 40x scans.
+CAMELYON_MPP = 0.243
+
+
+def camelyon_slide(cache: Path, smoke: bool, prefix: str = "camelyon") -> dict[str, Any]:
+    """The Camelyon-scale test slide (100000 x 80000 px, 25% tissue; 3000 x 2400 for ``smoke``),
+    written once into ``cache`` and shared by every benchmark that reads it."""
+    w, h = (3000, 2400) if smoke else (100_000, 80_000)
+    return cached_slide(
+        cache / f"{prefix}_{w}x{h}.tif",
+        width_px=w,
+        height_px=h,
+        mpp=CAMELYON_MPP,
+        tissue_fraction=0.25,
+        seed=0,
+        pool_region_px=1024 if smoke else 2048,
+    )
+
+
+def infer_test_slide(cache: Path, smoke: bool, width_px: int, height_px: int) -> dict[str, Any]:
+    """A small slide for timing the infer stage on a CPU (30% tissue; 1400 x 1200 for ``smoke``)."""
+    w, h = (1400, 1200) if smoke else (width_px, height_px)
+    return cached_slide(
+        cache / f"infer_{w}x{h}.tif",
+        width_px=w,
+        height_px=h,
+        mpp=CAMELYON_MPP,
+        tissue_fraction=0.3,
+        seed=1,
+        pool_region_px=1024 if smoke else 2048,
+    )
+
+
 def smooth_tiles(n: int, side: int, seed: int = 0, cells: int = 6) -> Iterator[np.ndarray]:
     """``n`` smooth random probability tiles ``(side, side)`` float32 in [0, 1], one at a time.
 

@@ -881,7 +881,7 @@ TORCH_STAGES = frozenset({"infer", "train-round", "mine-negatives"})
 #: of going back to the kernel and page-faulting in again at the next batch. The mmap threshold
 #: (16 GiB) lies above the largest activation (conv1 of a 2884 px block at full width: 2.1 GB per
 #: block), and the heap is not trimmed (32 GiB), so a process keeps its peak until it exits.
-#: Measured: CPU inference of the demo model 1.8x, a training step 1.8x and the full-width FCN on a
+#: Measured: CPU inference of the demo model 1.8x, a training step 1.7x and the full-width FCN on a
 #: 2868 px ROI 1.5x faster (benchmarks/README.md, ``malloc`` and ``fcn_vs_patch``). glibc reads
 #: them at process start only (``mallopt`` caps the mmap threshold at 32 MiB).
 MALLOC_TUNING = {"MALLOC_MMAP_THRESHOLD_": str(2**34), "MALLOC_TRIM_THRESHOLD_": str(2**35)}

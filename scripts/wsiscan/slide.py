@@ -6,7 +6,7 @@ slide (and where the slide is transparent) reads white.
 OpenSlide opens every slide and reads every level. Level 0 of a tiled JPEG TIFF (pyramidal TIFFs
 such as Camelyon16's, Aperio SVS) is read directly instead: tile offsets from tifffile, the JPEG
 tiles decoded by imagecodecs (libjpeg-turbo) straight into the RGB output, without OpenSlide's
-ARGB surface, its PIL image and the RGBA-to-RGB pass (measured 5.8x faster on 2884 px blocks, see
+ARGB surface, its PIL image and the RGBA-to-RGB pass (4.2x less time per 2884 px block, see
 ``benchmarks/README.md``). When a slide is opened for level-0 reads the direct reader checks
 itself against OpenSlide on a tile-sized region and steps aside (logging why) if the pixels differ,
 if the layout is anything else, or if a tile is missing.

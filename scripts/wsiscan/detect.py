@@ -30,7 +30,7 @@ import numpy as np
 
 from . import __version__
 from .errors import SlideError
-from .faults import atomic_file, quarantine
+from .faults import atomic_file, h5_attrs, quarantine
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +80,6 @@ class ProbMap:
     attrs: dict = field(default_factory=dict)
 
 
-def _attr(value: object) -> object:
-    """HDF5 attribute as a plain Python value (bytes -> str, numpy scalar -> int/float)."""
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 def read_probmap_attrs(path: str | Path, slide_id: str | None = None) -> dict:
     """The attributes of ``probmap.h5`` as plain values; checks the required ones and the ID.
 
@@ -102,7 +93,7 @@ def read_probmap_attrs(path: str | Path, slide_id: str | None = None) -> dict:
         raise SlideError(slide_id, path, "probability map not found")
     try:
         with h5py.File(path, "r") as f:
-            attrs = {k: _attr(v) for k, v in f.attrs.items()}
+            attrs = h5_attrs(f)
     except (OSError, KeyError, RuntimeError) as exc:
         raise quarantine(path, slide_id, "probability map is not a readable HDF5 file", exc)
     _check_attrs(attrs, path, slide_id)

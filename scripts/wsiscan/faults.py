@@ -9,6 +9,8 @@ that failed (so the stage is retried even where older files of the slide still e
 ``evaluate.allow_missing`` the evaluation leaves out the slides that have one
 (:func:`failed_slides`) and lists them in ``metrics.json``.
 
+HDF5 attributes are read back as plain Python values by :func:`h5_attrs` (every stage's reader).
+
 HDF5 outputs (:func:`atomic_h5`) are written to ``<name>.tmp`` through a guarded file object and
 renamed when complete: a failed write (disk full, file too large, I/O error) raises
 :class:`OutputWriteError` and leaves neither the output nor the ``.tmp`` behind.
@@ -251,6 +253,23 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         raise _write_error(exc, path) from exc
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def h5_attrs(obj: Any) -> dict[str, Any]:
+    """Attributes of an h5py file, group or dataset as plain Python values: bytes decoded, numpy
+    scalars unwrapped, arrays as tuples."""
+    import numpy as np
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, bytes):
+            return value.decode()
+        if isinstance(value, np.ndarray):
+            return tuple(v.item() for v in value)
+        if isinstance(value, np.generic):
+            return value.item()
+        return value
+
+    return {k: plain(v) for k, v in obj.attrs.items()}
 
 
 @contextmanager

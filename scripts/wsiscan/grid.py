@@ -24,7 +24,7 @@ import numpy as np
 
 from . import __version__
 from .errors import SlideError
-from .faults import atomic_h5, quarantine
+from .faults import atomic_h5, h5_attrs, quarantine
 from .geometry import Geometry
 from .slide import open_slide
 from .tissue import read_tissue_mask
@@ -192,17 +192,6 @@ def write_rois(
         log.warning("%s: no tissue in any block: empty ROI grid written to %s", slide_id, path)
 
 
-def _plain(value: object) -> object:
-    """HDF5 attribute value as a plain Python value (str, int, float, tuple)."""
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.ndarray):
-        return tuple(v.item() for v in value)
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 def read_rois(
     path: str | Path, slide_id: str | None = None
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -218,7 +207,7 @@ def read_rois(
         raise SlideError(slide_id, path, "ROI grid file not found")
     try:
         with h5py.File(path, "r") as f:
-            attrs: dict[str, Any] = {k: _plain(v) for k, v in f.attrs.items()}
+            attrs: dict[str, Any] = h5_attrs(f)
             missing = [k for k in ROI_DATASETS if k not in f]
             arrays = {k: f[k][()] for k in ROI_DATASETS if k in f}
     except (OSError, KeyError, ValueError, RuntimeError) as exc:

@@ -37,13 +37,13 @@ import h5py
 import numpy as np
 
 from .errors import ConfigError
+from .faults import h5_attrs
 from .geometry import Geometry
 from .samples import (
     LABEL_NORMAL,
     MAX_RASTER_SIDE,
     SampleTable,
     border_distance_um,
-    h5_attrs,
     raster_downsample,
     read_sample_table,
     stable_rng,

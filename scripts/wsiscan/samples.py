@@ -34,6 +34,7 @@ from scipy import ndimage as ndi
 
 from . import __version__
 from .errors import ConfigError, SlideError
+from .faults import h5_attrs
 from .geometry import ARCHITECTURES, receptive_field
 from .slide import check_slide_id, open_slide
 from .tissue import atomic_path
@@ -451,21 +452,6 @@ def write_sample_table(path: str | Path, table: SampleTable, attrs: dict[str, An
                 **{k: ("" if v is None else v) for k, v in attrs.items()},
             }
         )
-
-
-def _attr(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return value
-
-
-def h5_attrs(obj: h5py.File | h5py.Dataset) -> dict[str, Any]:
-    """HDF5 attributes as plain Python values (bytes decoded, numpy scalars and arrays unwrapped)."""
-    return {k: _attr(v) for k, v in obj.attrs.items()}
 
 
 def _strings(dataset: h5py.Dataset) -> list[str]:

@@ -306,9 +306,11 @@ class _DirectTiles:
     def read(self, x0: int, y0: int, w: int, h: int) -> np.ndarray | None:
         """RGB uint8 ``(h, w, 3)`` at level-0 ``(x0, y0)``, white outside the image; None when a
         tile is missing from the file (OpenSlide decides what it shows)."""
-        out = np.full((h, w, 3), 255, np.uint8)
         cx0, cy0 = max(x0, 0), max(y0, 0)
         cx1, cy1 = min(x0 + w, self.width), min(y0 + h, self.height)
+        inside = (cx0, cy0, cx1, cy1) == (x0, y0, x0 + w, y0 + h)
+        # the tiles cover a region inside the image completely: no white fill to write first
+        out = np.empty((h, w, 3), np.uint8) if inside else np.full((h, w, 3), 255, np.uint8)
         if cx0 >= cx1 or cy0 >= cy1:
             return out
         fd = self._file()

@@ -32,7 +32,7 @@ import numpy as np
 
 from . import __version__
 from .errors import SlideError
-from .faults import OutputWriteError, atomic_h5, quarantine
+from .faults import OutputWriteError, atomic_h5, h5_attrs, quarantine
 from .geometry import Geometry
 from .slide import check_slide_id
 
@@ -97,16 +97,6 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _attr(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.ndarray):
-        return tuple(v.item() for v in value)
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 def read_tiles_meta(tiles_h5: str | Path, slide_id: str) -> tuple[dict[str, Any], Geometry]:
     """Attributes and geometry of ``tiles.h5``; :class:`SlideError` naming the file when unusable."""
     tiles_h5 = Path(tiles_h5)
@@ -114,7 +104,7 @@ def read_tiles_meta(tiles_h5: str | Path, slide_id: str) -> tuple[dict[str, Any]
         raise SlideError(slide_id, tiles_h5, "tiles file not found")
     try:
         with h5py.File(tiles_h5, "r") as f:
-            attrs = {k: _attr(v) for k, v in f.attrs.items()}
+            attrs = h5_attrs(f)
             shapes = {k: f[k].shape for k in ("tiles", "grid_xy") if k in f}
     except (OSError, KeyError, RuntimeError) as exc:
         raise quarantine(tiles_h5, slide_id, "tiles file is not a readable HDF5 file", exc)

@@ -35,6 +35,7 @@ import torch
 
 from .errors import ConfigError
 from .geometry import ARCHITECTURES, receptive_field
+from .model import file_checksum
 from .params import AugmentParams, TrainParams
 from .samples import (
     LABEL_NORMAL,
@@ -286,14 +287,6 @@ def learning_rate(step: int, total_steps: int, base_lr: float, warmup_steps: int
     return base_lr * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def _file_sha(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _atomic_json(path: str | Path, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
@@ -507,10 +500,10 @@ def _fingerprint(
     """SHA-256 of everything that determines the result: a checkpoint resumes only if equal."""
     blob = {
         "params": params.fingerprint_fields(),
-        "samples": _file_sha(samples_h5),
-        "hard_negatives": [_file_sha(p) for p in hard_negatives],
-        "init": _file_sha(init_checkpoint) if init_checkpoint else None,
-        "imagenet": _file_sha(imagenet_weights) if imagenet_weights else None,
+        "samples": file_checksum(samples_h5),
+        "hard_negatives": [file_checksum(p) for p in hard_negatives],
+        "init": file_checksum(init_checkpoint) if init_checkpoint else None,
+        "imagenet": file_checksum(imagenet_weights) if imagenet_weights else None,
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -802,7 +795,7 @@ def train_round(
             "round": params.round_index,
             "init": init_desc,
             "epochs": params.epochs,
-            "samples_sha256": _file_sha(samples_h5),
+            "samples_sha256": file_checksum(samples_h5),
             "hard_negatives": [str(p) for p in hard_negatives],
             "final": {k: v for k, v in history[-1].items() if k != "epoch"} if history else {},
             "train_params": _plain_params(params),

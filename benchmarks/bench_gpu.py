@@ -6,7 +6,7 @@
   autocast deviation is reported too (exactness holds in float32 only).
 * ``gpu_slide``: the paper's network (VGG16 width 1, BatchNorm, random init) at n = 82,
   alpha = 2 on a Camelyon-size synthetic slide (100000 x 80000 px at 0.243 um/px, ~25% tissue,
-  ~370 blocks) through the real stages: mask, grid, then :func:`wsiscan.infer.infer_slide` with
+  ~370 blocks) through the real stages: tissue_mask, roi_grid, then :func:`wsiscan.infer.infer` with
   parallel DataLoader workers and pinned memory, with AMP (bf16) on and off. Reports seconds per
   slide (goal <= 15 s on one H100), GPU utilisation (NVML or ``nvidia-smi`` sampled in a thread),
   peak GPU memory, the loader's read-only time, and the patch-by-patch estimate on the same GPU
@@ -255,16 +255,14 @@ def patch_rate(
 
 
 def _read_only_s(slide_path: Path, rois_h5: Path, batch_size: int, workers: int) -> float:
-    """Seconds to iterate the infer DataLoader (same settings as infer_slide) over every block."""
+    """Seconds to iterate the infer DataLoader (same settings as the infer stage) over every
+    block."""
     from benchmarks.bench_pipeline import _block_loader
-    from wsiscan.geometry import Geometry
-    from wsiscan.grid import read_rois
+    from wsiscan.formats.rois import read_rois
     from wsiscan.infer import BlockDataset
 
-    arrays, attrs = read_rois(rois_h5, "bench")
-    dataset = BlockDataset(
-        slide_path, arrays["level0_xy"], Geometry.from_attrs(attrs).block_side, slide_id="bench"
-    )
+    grid = read_rois(rois_h5, "bench")
+    dataset = BlockDataset(slide_path, grid.level0_xy, grid.geometry.block_side, slide_id="bench")
     loader = _block_loader(dataset, batch_size, workers, pin_memory=torch.cuda.is_available())
     t0 = time.perf_counter()
     for _ in loader:
@@ -291,8 +289,10 @@ def bench_gpu_slide(smoke: bool) -> dict[str, Any]:
     """Seconds per Camelyon-size slide through the infer stage, AMP on and off, on one GPU."""
     from benchmarks.bench_pipeline import _mask_and_grid
     from benchmarks.synthetic import cached_slide
-    from wsiscan.infer import infer_slide
-    from wsiscan.model import init_model_checkpoint, load_checkpoint
+    from wsiscan.formats.checkpoint import load_checkpoint
+    from wsiscan.infer import infer
+    from wsiscan.model import init_model
+    from wsiscan.params import InferParams, InitModelParams
 
     smoke = is_smoke(smoke)
     device = bench_device(smoke)
@@ -321,23 +321,23 @@ def bench_gpu_slide(smoke: bool) -> dict[str, Any]:
         if setup["blocks"] == 0:
             raise RuntimeError(f"no tissue blocks on {slide_path}: nothing to benchmark")
         model_path = tmp / "model.pt"
-        init_model_checkpoint(model_path, width=width, batchnorm=True, seed=0)
+        init_model(model_path, InitModelParams(width=width, batchnorm=True, seed=0))
         if device.type == "cuda":  # CUDA context and cuDNN start-up, not part of a slide's time
             torch.zeros(1, device=device).sum().item()
         for amp in (True, False) if device.type == "cuda" else (False,):
             key = "amp_bf16" if amp else "fp32"
             with GpuSampler() as sampler, _peak_memory(device) as mem:
                 t0 = time.perf_counter()
-                summary = infer_slide(
+                params = InferParams(
+                    batch_size=batch_size, workers=workers, device=str(device), amp=amp
+                )
+                summary = infer(
                     slide_path,
                     tmp / "rois.h5",
                     model_path,
                     tmp / f"tiles_{key}.h5",
+                    params,
                     slide_id="bench",
-                    batch_size=batch_size,
-                    num_workers=workers,
-                    device=str(device),
-                    amp=amp,
                 )
                 wall = time.perf_counter() - t0
             runs[key] = {"wall_s": wall, "summary": summary, "gpu": sampler.summary(), **mem}

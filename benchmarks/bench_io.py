@@ -120,7 +120,8 @@ print((time.perf_counter() - t0) / int(sys.argv[2]))
 def bench_malloc(smoke: bool) -> dict[str, Any]:
     """``wsiscan infer`` and a training step with and without the glibc allocator settings."""
     from wsiscan.cli import MALLOC_TUNING, NO_MALLOC_TUNING_ENV
-    from wsiscan.model import init_model_checkpoint
+    from wsiscan.model import init_model
+    from wsiscan.params import InitModelParams
 
     if not sys.platform.startswith("linux"):
         raise RuntimeError("the allocator settings are glibc's (Linux)")
@@ -135,14 +136,14 @@ def bench_malloc(smoke: bool) -> dict[str, Any]:
         n = 4 if smoke else 20
         setup = _mask_and_grid(slide, tmp, n=n, alpha=2)
         model = tmp / "model.pt"
-        init_model_checkpoint(model, width=0.125, seed=0)
+        init_model(model, InitModelParams(width=0.125, seed=0))
 
         def infer(kind: str) -> Path:
             out = tmp / f"tiles_{kind}.h5"
             subprocess.run(
                 [*wsiscan, "infer", "--slide", str(slide), "--slide-id", "bench"]
-                + ["--rois", str(tmp / "rois.h5"), "--model", str(model), "--out", str(out)]
-                + ["--workers", "1", "--threads", threads, "--device", "cpu"],
+                + ["--rois", str(tmp / "rois.h5"), "--model", str(model), "--out-tiles", str(out)]
+                + ["--workers", "1", "--device", "cpu"],  # torch: all cores (its default)
                 env=envs[kind],
                 check=True,
                 capture_output=True,

@@ -1,6 +1,6 @@
 """Per-slide pipeline benchmarks: mask + grid speed, the infer read/compute overlap, stitch memory.
 
-* ``mask_grid`` (issue 3): ``compute_tissue_mask`` + ``compute_grid`` for a Camelyon-scale slide
+* ``mask_grid`` (issue 3): the ``tissue_mask`` + ``roi_grid`` stages for a Camelyon-scale slide
   (100000 x 80000 px at 0.243 um/px) pinned to one CPU core with one BLAS thread. Goal: well
   under 10 s. The goal is checked on the CPU time (user + system of the process), which equals
   the wall time on an idle core and does not grow when other work competes for it; the wall time
@@ -53,15 +53,19 @@ def _mask_and_grid(
     slide: Path, out: Path, n: int, alpha: int, slide_id: str = "bench"
 ) -> dict[str, Any]:
     """The two stages as the rules run them (``out/tissue.png``, ``out/rois.h5``), each timed."""
-    from wsiscan.grid import compute_grid
-    from wsiscan.tissue import compute_tissue_mask
+    from wsiscan.grid import roi_grid
+    from wsiscan.params import RoiGridParams, TissueMaskParams
+    from wsiscan.tissue import tissue_mask
 
     t0, c0 = time.perf_counter(), time.process_time()
-    mask = compute_tissue_mask(slide, slide_id, out / "tissue.png", out / "qc" / "tissue.png")
-    t1, c1 = time.perf_counter(), time.process_time()
-    grid = compute_grid(
-        slide, out / "tissue.png", out / "rois.h5", slide_id=slide_id, n=n, alpha=alpha
+    mask = tissue_mask(
+        slide, out / "tissue.png", out / "qc" / "tissue.png", TissueMaskParams(), slide_id=slide_id
     )
+    t1, c1 = time.perf_counter(), time.process_time()
+    grid = roi_grid(
+        slide, out / "tissue.png", out / "rois.h5", RoiGridParams(n=n, alpha=alpha),
+        slide_id=slide_id,
+    )  # fmt: skip
     t2, c2 = time.perf_counter(), time.process_time()
     return {
         "mask_s": t1 - t0,
@@ -122,7 +126,7 @@ def bench_mask_grid(smoke: bool) -> dict[str, Any]:
 
 # -- infer_pipeline ------------------------------------------------------------------------------
 def _block_loader(dataset, batch_size: int, workers: int, pin_memory: bool):
-    """The DataLoader exactly as :func:`wsiscan.infer.infer_slide` builds it."""
+    """The DataLoader exactly as :func:`wsiscan.infer.iter_dense_tiles` builds it."""
     from torch.utils.data import DataLoader
 
     return DataLoader(
@@ -147,10 +151,11 @@ def bench_infer_pipeline(smoke: bool) -> dict[str, Any]:
     import torch
 
     from wsiscan.dense import dense_tiles
-    from wsiscan.geometry import Geometry
-    from wsiscan.grid import read_rois
-    from wsiscan.infer import BlockDataset, infer_slide
-    from wsiscan.model import init_model_checkpoint, load_checkpoint, to_tensor
+    from wsiscan.formats.checkpoint import load_checkpoint
+    from wsiscan.formats.rois import read_rois
+    from wsiscan.infer import BlockDataset, infer
+    from wsiscan.model import init_model, to_tensor
+    from wsiscan.params import InferParams, InitModelParams
 
     width, n, alpha, batch_size = 1 / 128, 10, 2, 4
     cpus = len(os.sched_getaffinity(0))
@@ -167,23 +172,21 @@ def bench_infer_pipeline(smoke: bool) -> dict[str, Any]:
             tmp = Path(tmp_name)
             setup = _mask_and_grid(slide_path, tmp, n=n, alpha=alpha)
             model_path = tmp / "model.pt"
-            init_model_checkpoint(model_path, width=width, seed=0)
-            arrays, attrs = read_rois(tmp / "rois.h5", "bench")
-            block_side = Geometry.from_attrs(attrs).block_side
-            dataset = BlockDataset(slide_path, arrays["level0_xy"], block_side, slide_id="bench")
+            init_model(model_path, InitModelParams(width=width, seed=0))
+            grid = read_rois(tmp / "rois.h5", "bench")
+            block_side = grid.geometry.block_side
+            dataset = BlockDataset(slide_path, grid.level0_xy, block_side, slide_id="bench")
             model, _ = load_checkpoint(model_path)
 
             def pipeline(k: int) -> dict[str, Any]:
-                return infer_slide(
+                params = InferParams(batch_size=batch_size, workers=k, device="cpu")
+                return infer(
                     slide_path,
                     tmp / "rois.h5",
                     model_path,
                     tmp / f"tiles_{k}.h5",
+                    params,
                     slide_id="bench",
-                    batch_size=batch_size,
-                    num_workers=k,
-                    device="cpu",
-                    threads=threads,
                 )
 
             def read_only() -> int:
@@ -344,9 +347,9 @@ def bench_stitch_rss(smoke: bool) -> dict[str, Any]:
             str(slide_path),
             "--slide-id",
             "bench",
-            "--out",
+            "--out-probmap",
             str(tmp / "probmap.h5"),
-            "--qc",
+            "--out-qc",
             str(tmp / "qc" / "heatmap.png"),
         ]
         rss_mib, wall_s, log_tail = _child_peak_rss(cmd)

@@ -1,8 +1,8 @@
 """Training throughput with and without prefetching loader workers (issue 6).
 
 ``train_throughput``: samples per second of :func:`wsiscan.train.train_round` on demo slides
-(written by :func:`wsiscan.synth.synth_slide`, mask by the tissue stage, a few hundred samples by
-:func:`wsiscan.samples.generate_samples`) with 0 loader workers (patches read and augmented in the
+(written by :func:`wsiscan.synth.synth_slide`, mask by the tissue stage, a few hundred patches by
+:func:`wsiscan.patches.draw_patches`) with 0 loader workers (patches read and augmented in the
 training process, between steps) against N worker processes that read ahead while the model
 trains (the asynchronous prefetching of Fast ScanNet). Each variant trains 2 short epochs of
 the demo model (width 1/8, batch 32); the figure is the second epoch's samples/s (persistent
@@ -37,18 +37,16 @@ from typing import Any
 
 from benchmarks.common import REPO, cache_dir, figure, load_average, round_sig
 
-DEMO_MPP = 0.5
-DEMO_SEED = 2018
-
 
 def demo_slides(folder: Path, smoke: bool, synth_workers: int = 1) -> list[Any]:
     """One tumour and one normal demo slide with their tissue masks, cached in ``folder``.
 
-    Returns :class:`wsiscan.samples.TrainSlide` records.
+    Returns :class:`wsiscan.patches.TrainSlide` records.
     """
-    from wsiscan.samples import TrainSlide
+    from wsiscan.params import SynthSlideParams, TissueMaskParams
+    from wsiscan.patches import TrainSlide
     from wsiscan.synth import synth_slide
-    from wsiscan.tissue import compute_tissue_mask
+    from wsiscan.tissue import tissue_mask
 
     w, h = (2000, 1800) if smoke else (7000, 5000)
     slides = []
@@ -60,20 +58,13 @@ def demo_slides(folder: Path, smoke: bool, synth_workers: int = 1) -> list[Any]:
             stem.with_name(stem.name + "_tissue.png"),
         )
         if not (tif.exists() and xml.exists()):
-            synth_slide(
-                sid,
-                label,
-                DEMO_SEED,
-                tif,
-                xml,
-                w,
-                h,
-                DEMO_MPP,
-                size_jitter=0.0,
-                workers=synth_workers,
+            params = SynthSlideParams(
+                width_px=w, height_px=h, size_jitter=0.0, workers=synth_workers
             )
+            synth_slide(tif, xml, params, slide_id=sid, label=label)
         if not mask.exists():
-            compute_tissue_mask(tif, sid, mask, stem.with_name(stem.name + "_qc.png"))
+            qc = stem.with_name(stem.name + "_qc.png")
+            tissue_mask(tif, mask, qc, TissueMaskParams(), slide_id=sid)
         slides.append(
             TrainSlide(
                 slide_id=sid,
@@ -104,8 +95,8 @@ def measure_throughput(
     """
     import torch
 
-    from wsiscan.params import TrainParams
-    from wsiscan.samples import SampleParams, generate_samples
+    from wsiscan.params import TrainPatchesParams, TrainRoundParams
+    from wsiscan.patches import draw_patches
     from wsiscan.train import train_round
 
     saved_threads = torch.get_num_threads()
@@ -113,32 +104,35 @@ def measure_throughput(
     try:
         with tempfile.TemporaryDirectory(prefix="wsiscan-bench-") as tmp_name:
             tmp = Path(tmp_name)
-            samples = generate_samples(
-                slides,
-                tmp / "samples.h5",
-                SampleParams(n_samples=n_samples, val_fraction=0.0, seed=0),
+            from wsiscan.formats.patches import write_patch_table
+
+            table, _ = draw_patches(
+                slides, TrainPatchesParams(n_patches=n_samples, val_fraction=0.0, seed=0)
             )
+            write_patch_table(tmp / "patches.h5", table, {"kind": "patches", "Lf": 244, "Sf": 32})
+            samples = {"n": len(table), "positives": int(table.label.sum())}
             for rep in range(repeats):
                 for k in (0, workers):
-                    params = TrainParams(
+                    params = TrainRoundParams(
                         width=width,
                         epochs=2,
-                        samples_per_epoch=per_epoch,
+                        patches_per_epoch=per_epoch,
                         batch_size=batch,
-                        val_samples=0,
+                        val_patches=0,
                         workers=k,
-                        threads=threads,
+                        threads=threads or torch.get_num_threads(),
                         device=device,
                         amp=amp,
                         seed=rep,
                     )
                     out = tmp / f"w{k}_r{rep}"
                     metrics = train_round(
-                        tmp / "samples.h5",
+                        tmp / "patches.h5",
                         out / "model.pt",
                         out / "metrics.json",
                         out / "loss.png",
                         params,
+                        round_index=1,
                     )
                     first, last = metrics["epochs"][0], metrics["epochs"][-1]
                     runs[k].append(
@@ -276,46 +270,33 @@ def false_positives(
     detection threshold (mm^2 per slide)."""
     import h5py
 
-    from wsiscan.detect import detect_slide
-    from wsiscan.infer import infer_slide
-    from wsiscan.stitch import stitch_slide
+    from wsiscan.config import validate_config
+    from wsiscan.detect import detect
+    from wsiscan.infer import infer
+    from wsiscan.params import DetectParams, InferParams, StitchParams
+    from wsiscan.stitch import stitch
 
-    inf, sti, det = config["infer"], config["stitch"], config["detect"]
+    config = validate_config(dict(config))
+    infer_params = InferParams.from_config(config, workers=workers, device="cpu")
+    stitch_params, detect_params = (
+        StitchParams.from_config(config),
+        DetectParams.from_config(config),
+    )
+    det = config["detect"]
     counts, areas = [], []
     for sid, slide, rois in slides:
         d = out / sid
-        infer_slide(
-            slide,
-            rois,
-            model,
-            d / "tiles.h5",
-            slide_id=sid,
-            batch_size=int(inf["batch_size"]),
-            num_workers=workers,
-            device="cpu",
-            dense_mode=inf["dense_mode"],
-        )
-        stitch_slide(
-            d / "tiles.h5",
-            d / "probmap.h5",
-            None,  # no QC picture: only the map counts here
-            slide_path=slide,
-            slide_id=sid,
-            threshold=float(sti["threshold"]),
-            opening_um=float(sti["opening_um"]),
-            closing_um=float(sti["closing_um"]),
-        )
-        record = detect_slide(
+        infer(slide, rois, model, d / "tiles.h5", infer_params, slide_id=sid)
+        # no QC picture: only the map counts here
+        stitch(slide, d / "tiles.h5", d / "probmap.h5", None, stitch_params, slide_id=sid)
+        record = detect(
             d / "probmap.h5",
             d / "lesions.csv",
             d / "score.json",
             d / "regions.geojson",
             d / "regions.xml",
+            detect_params,
             slide_id=sid,
-            method=det["method"],
-            threshold=float(det["threshold"]),
-            radius_um=float(det["nms_radius_um"]),
-            min_area_um2=float(det["min_area_um2"]),
         )
         counts.append(int(record["n_lesions"]))
         with h5py.File(d / "probmap.h5") as f:
@@ -340,7 +321,8 @@ def bench_fp_per_round(smoke: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="wsiscan-bench-") as tmp_name:
         tmp = Path(tmp_name)
         if smoke:  # the harness on one small normal slide with two untrained "rounds"
-            from wsiscan.model import init_model_checkpoint
+            from wsiscan.model import init_model
+            from wsiscan.params import InitModelParams
 
             (cache_dir(True) / "train").mkdir(parents=True, exist_ok=True)
             (slide,) = [
@@ -349,7 +331,7 @@ def bench_fp_per_round(smoke: bool) -> dict[str, Any]:
             _mask_and_grid(Path(slide.path), tmp, n=4, alpha=2, slide_id=slide.slide_id)
             models = [tmp / f"round{k}.pt" for k in (1, 2)]
             for k, m in enumerate(models):
-                init_model_checkpoint(m, width=1 / 32, seed=k)
+                init_model(m, InitModelParams(width=1 / 32, seed=k))
             config = _read_config(REPO)
             slides = [(slide.slide_id, Path(slide.path), tmp / "rois.h5")]
             source = "smoke: untrained models"

@@ -33,6 +33,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from wsiscan import synth
+from wsiscan.fileio import atomic_write
 
 TILE_PX = synth.TILE_PX
 JPEG_QUALITY = synth.JPEG_QUALITY
@@ -215,15 +216,11 @@ def write_fast_slide(
         for row in ordered_parallel(encode_row, range(rows), workers):
             yield from row
 
-    tmp = path.with_name(path.name + ".tmp")
     w0, h0 = sizes[0]
-    try:
+    with atomic_write(path) as fh:
         synth.write_pages(
-            tmp, sizes, level_tiles, mpp, w0 * h0 * 3 > 2**31, "wsiscan benchmark slide"
+            fh, sizes, level_tiles, mpp, w0 * h0 * 3 > 2**31, "wsiscan benchmark slide"
         )
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return {
         "path": str(path),
         "width_px": int(width_px),
@@ -304,55 +301,33 @@ def smooth_tiles(n: int, side: int, seed: int = 0, cells: int = 6) -> Iterator[n
 def write_tiles_h5(
     path: str | Path, rois_h5: str | Path, *, slide_id: str, seed: int = 0
 ) -> dict[str, Any]:
-    """Write a ``tiles.h5`` in the format of :func:`wsiscan.infer.infer_slide` for the blocks of
-    ``rois_h5``, with :func:`smooth_tiles` in place of the network's output (no model runs).
+    """Write a ``tiles.h5`` (:mod:`wsiscan.formats.tiles`) for the blocks of ``rois_h5``, with
+    :func:`smooth_tiles` in place of the network's output (no model runs).
 
     Tiles are written one at a time (memory does not grow with the number of blocks). Returns
     ``{"blocks", "tile_side", "bytes", "write_s"}``.
     """
-    import h5py
-
-    from wsiscan import __version__
-    from wsiscan.geometry import Geometry
-    from wsiscan.grid import read_rois
+    from wsiscan.formats.rois import read_rois
+    from wsiscan.formats.tiles import write_tiles
 
     t0 = time.perf_counter()
-    arrays, attrs = read_rois(rois_h5, slide_id)
-    geometry = Geometry.from_attrs(attrs)
-    n, side = int(arrays["level0_xy"].shape[0]), geometry.tile_side
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
-            out_attrs = dict(attrs)
-            out_attrs.update(
-                model_checksum="0" * 64,  # no model: the tiles are synthetic
-                model_arch=geometry.arch,
-                model_width=1.0,
-                model_batchnorm=True,
-                dense_mode="single",
-                amp=False,
-                device="cpu",
-                tile_dtype="float32",
-                wsiscan_version=__version__,
-            )
-            for key, value in out_attrs.items():
-                f.attrs[key] = value
-            chunk = {"chunks": (1, side, side), "compression": "gzip", "compression_opts": 1}
-            tiles = f.create_dataset(
-                "tiles", shape=(n, side, side), dtype=np.float32, **(chunk if n else {})
-            )
-            for k, tile in enumerate(smooth_tiles(n, side, seed)):
-                tiles[k] = tile
-            f.create_dataset("grid_xy", data=arrays["grid_xy"].astype(np.int64).reshape(-1, 2))
-            f.create_dataset("level0_xy", data=arrays["level0_xy"].astype(np.int64).reshape(-1, 2))
-            f.create_dataset("tissue_fraction", data=arrays["tissue_fraction"].astype(np.float32))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    grid = read_rois(rois_h5, slide_id)
+    n, side = grid.n_blocks, grid.geometry.tile_side
+    model = {
+        "model_checksum": "0" * 64,  # no model: the tiles are synthetic
+        "model_arch": grid.geometry.arch,
+        "model_width": 1.0,
+        "model_batchnorm": True,
+        "dense_mode": "single",
+        "amp": False,
+        "device": "cpu",
+    }
+    with write_tiles(path, grid, model) as out:
+        for k, tile in enumerate(smooth_tiles(n, side, seed)):
+            out.write(k, tile[None])
     return {
         "blocks": n,
         "tile_side": side,
-        "bytes": path.stat().st_size,
+        "bytes": Path(path).stat().st_size,
         "write_s": round(time.perf_counter() - t0, 3),
     }

@@ -133,30 +133,41 @@ class Result:
 
 
 def stage_args(r: Result, stage: str, model: Path) -> list[str | Path]:
-    """The arguments of one per-slide stage, as the workflow rules pass them."""
+    """The arguments of one per-slide stage, as the workflow rules pass them (file options named
+    after the rule's inputs and outputs). stitch gets the opening and closing radii the stage
+    used by default before they came from the config (8 and 16 um)."""
     common: list[str | Path] = ["--slide-id", r.sid]
     return {
-        "mask": ["mask", "--slide", r.slide, *common, "--out-mask", r.mask, "--out-qc", r.qc],
-        "grid": [
-            "grid", "--slide", r.slide, *common, "--mask", r.mask, "--out", r.rois,
+        "tissue_mask": [
+            "tissue_mask", "--slide", r.slide, *common, "--out-mask", r.mask, "--out-qc", r.qc,
+        ],
+        "roi_grid": [
+            "roi_grid", "--slide", r.slide, *common, "--mask", r.mask, "--out-rois", r.rois,
             "--n", str(N), "--alpha", str(ALPHA),
         ],
         "infer": [
             "infer", "--slide", r.slide, *common, "--rois", r.rois, "--model", model,
-            "--out", r.tiles, "--workers", "0", "--device", "cpu",
+            "--out-tiles", r.tiles, "--workers", "0", "--device", "cpu",
         ],
         "stitch": [
-            "stitch", "--slide", r.slide, *common, "--tiles", r.tiles, "--out", r.probmap,
-            "--qc", r.heatmap,
+            "stitch", "--slide", r.slide, *common, "--tiles", r.tiles,
+            "--out-probmap", r.probmap, "--out-qc", r.heatmap,
+            "--opening-radius-um", "8", "--closing-radius-um", "16",
         ],
         "detect": [
-            "detect", "--probmap", r.probmap, *common, "--out-csv", r.lesions,
+            "detect", "--probmap", r.probmap, *common, "--out-lesions", r.lesions,
             "--out-score", r.score, "--out-geojson", r.geojson, "--out-xml", r.xml,
         ],
     }[stage]  # fmt: skip
 
 
-STAGES = ("mask", "grid", "infer", "stitch", "detect")
+STAGES = ("tissue_mask", "roi_grid", "infer", "stitch", "detect")
+
+
+def temp_files(folder: Path) -> list[Path]:
+    """Temporary files (and folders) of the atomic writers in ``folder``: hidden
+    ``.<name>.<host>.<pid>.<hex>.tmp``, and any other ``*.tmp``."""
+    return sorted(set(folder.glob(".*.tmp")) | set(folder.glob("*.tmp")))
 
 
 def run_chain(capsys, r: Result, model: Path, stages=STAGES, extra=()) -> None:
@@ -168,10 +179,11 @@ def run_chain(capsys, r: Result, model: Path, stages=STAGES, extra=()) -> None:
 
 @pytest.fixture(scope="module")
 def model_pt(tmp_path_factory) -> Path:
-    from wsiscan.model import init_model_checkpoint
+    from wsiscan.model import init_model
+    from wsiscan.params import InitModelParams
 
     path = tmp_path_factory.mktemp("model") / "init.pt"
-    init_model_checkpoint(path, width=WIDTH, seed=0)
+    init_model(path, InitModelParams(width=WIDTH, seed=0))
     return path
 
 
@@ -189,8 +201,8 @@ def done(tmp_path_factory, model_pt) -> Result:
 # -- slide files -----------------------------------------------------------------------------------
 def test_missing_slide(capsys, tmp_path):
     r = Result(tmp_path, tmp_path / "gone.svs", "s1")
-    rc, err = run_cli(capsys, *stage_args(r, "mask", Path("unused")))
-    assert_one_line_error(rc, err, "mask", "slide 's1'", "gone.svs", "file not found")
+    rc, err = run_cli(capsys, *stage_args(r, "tissue_mask", Path("unused")))
+    assert_one_line_error(rc, err, "tissue_mask", "slide 's1'", "gone.svs", "file not found")
     assert not r.mask.exists()
 
 
@@ -205,8 +217,8 @@ def test_missing_slide(capsys, tmp_path):
 def test_not_a_slide(capsys, tmp_path, name, content, cause):
     (tmp_path / name).write_bytes(content)
     r = Result(tmp_path, tmp_path / name, "s1")
-    rc, err = run_cli(capsys, *stage_args(r, "mask", Path("unused")))
-    assert_one_line_error(rc, err, "mask", "slide 's1'", name, cause)
+    rc, err = run_cli(capsys, *stage_args(r, "tissue_mask", Path("unused")))
+    assert_one_line_error(rc, err, "tissue_mask", "slide 's1'", name, cause)
 
 
 def test_truncated_tiff(capsys, tmp_path):
@@ -216,8 +228,8 @@ def test_truncated_tiff(capsys, tmp_path):
         cut = tmp_path / f"cut{int(frac * 100)}.tif"
         cut.write_bytes(data[: int(len(data) * frac)])
         r = Result(tmp_path, cut, "s1")
-        rc, err = run_cli(capsys, *stage_args(r, "mask", Path("unused")))
-        line = assert_one_line_error(rc, err, "mask", "slide 's1'", cut.name)
+        rc, err = run_cli(capsys, *stage_args(r, "tissue_mask", Path("unused")))
+        line = assert_one_line_error(rc, err, "tissue_mask", "slide 's1'", cut.name)
         assert "truncated" in line, line
 
 
@@ -227,7 +239,7 @@ def test_damaged_tile_fails_infer_naming_the_region(capsys, tmp_path, model_pt):
     slide = write_tiff(tmp_path / "bad.tif", he_image(640, 768, seed=2))
     damage_tile(slide, (1, 1))  # level-0 pixels x, y in [256, 512)
     r = Result(tmp_path, slide, "bad")
-    run_chain(capsys, r, model_pt, stages=("mask", "grid"))
+    run_chain(capsys, r, model_pt, stages=("tissue_mask", "roi_grid"))
     record = tmp_path / "results" / "bad" / "FAILED.json"
     argv = stage_args(r, "infer", model_pt)
     rc, err = run_cli(capsys, "--failure-record", record, *argv)
@@ -235,7 +247,7 @@ def test_damaged_tile_fails_infer_naming_the_region(capsys, tmp_path, model_pt):
     x, y = (int(v) for v in re.search(r"level0_xy=\((-?\d+), (-?\d+)\)", line).groups())
     side = 244 + N * 32 + (ALPHA - 1) * 16
     assert x < 512 and x + side > 256 and y < 512 and y + side > 256, line  # holds the tile
-    assert not r.tiles.exists() and not Path(str(r.tiles) + ".tmp").exists()
+    assert not r.tiles.exists() and not temp_files(r.tiles.parent)
     rec = json.loads(record.read_text())
     assert rec["stage"] == "infer" and rec["slide_id"] == "bad" and "level0_xy" in rec["cause"]
     # the tile is re-written: the same command succeeds and removes the record
@@ -248,11 +260,12 @@ def test_damaged_tile_fails_infer_naming_the_region(capsys, tmp_path, model_pt):
 def test_slide_without_mpp_needs_a_fallback(capsys, tmp_path):
     slide = write_tiff(tmp_path / "nompp.tif", he_image(512, 640), mpp=None)
     r = Result(tmp_path, slide, "nompp")
-    rc, err = run_cli(capsys, *stage_args(r, "mask", Path("unused")))
-    assert_one_line_error(rc, err, "mask", "slide 'nompp'", "nompp.tif", "mpp_fallback")
-    rc, err = run_cli(capsys, *stage_args(r, "mask", Path("unused")), "--mpp-fallback", "0.5")
+    rc, err = run_cli(capsys, *stage_args(r, "tissue_mask", Path("unused")))
+    assert_one_line_error(rc, err, "tissue_mask", "slide 'nompp'", "nompp.tif", "mpp_fallback")
+    argv = [*stage_args(r, "tissue_mask", Path("unused")), "--mpp-fallback", "0.5"]
+    rc, err = run_cli(capsys, *argv)
     assert rc == 0, err
-    from wsiscan.tissue import read_tissue_mask
+    from wsiscan.formats.tissue_mask import read_tissue_mask
 
     assert read_tissue_mask(r.mask, "nompp")[1]["slide_mpp"] == 0.5
 
@@ -260,10 +273,10 @@ def test_slide_without_mpp_needs_a_fallback(capsys, tmp_path):
 def test_slide_id_that_escapes_results_is_refused(capsys, tmp_path):
     slide = write_tiff(tmp_path / "s.tif", he_image(256, 256))
     rc, err = run_cli(
-        capsys, "mask", "--slide", slide, "--slide-id", "../evil", "--out-mask",
+        capsys, "tissue_mask", "--slide", slide, "--slide-id", "../evil", "--out-mask",
         tmp_path / "m.png", "--out-qc", tmp_path / "q.png",
     )  # fmt: skip
-    assert_one_line_error(rc, err, "mask", "'../evil'", "must match")
+    assert_one_line_error(rc, err, "tissue_mask", "'../evil'", "must match")
     assert not (tmp_path / "m.png").exists()
 
 
@@ -326,7 +339,7 @@ def evaluate(capsys, done: Result, annotation: str, tmp_path: Path, *extra: str)
     sheet = tmp_path / "slides.tsv"
     sheet.write_text(HEADER + f"s1\t{done.slide}\t{annotation}\ttumor\ttest\n")
     out = tmp_path / "cohort"
-    argv = ["evaluate", "--sheet", sheet, "--results", done.root / "results", "--out", out]
+    argv = ["evaluate", "--sheet", sheet, "--results-dir", done.root / "results", "--out-dir", out]
     rc, err = run_cli(capsys, *argv, "--bootstrap", "0", *extra)
     return rc, err, out
 
@@ -386,7 +399,7 @@ def default_config() -> dict:
         ("demo", "width_px", -5, ["demo.width_px", "minimum"]),
         ("infer", "batch_size", 0, ["infer.batch_size", "minimum"]),
         ("infer", "batch_size", 2.5, ["infer.batch_size", "not of type 'integer'"]),
-        ("stitch", "opening_um", -1.0, ["stitch.opening_um", "minimum"]),
+        ("stitch", "opening_radius_um", -1.0, ["stitch.opening_radius_um", "minimum"]),
         ("detect", "nms_radius_um", 0, ["detect.nms_radius_um"]),
         ("detect", "threshold", 1.5, ["detect.threshold", "maximum"]),
         ("scan", "alpha", 8, ["scan.alpha"]),
@@ -436,7 +449,7 @@ def test_workflow_takes_the_roi_side_from_the_config(workdir):
     (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
     proc = run_snakemake(workdir, "-n", "-p", "--cores", "1")
     out = proc.stdout + proc.stderr
-    assert re.search(r"wsiscan .*grid .*--n 9 ", out), out[-3000:]
+    assert re.search(r"wsiscan .*roi_grid .*--n 9 ", out), out[-3000:]
     cfg["scan"]["roi_side_px"] = 1000
     (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
     proc = run_snakemake(workdir, "-n", "--cores", "1", check=False)
@@ -521,12 +534,12 @@ def test_checkpoint_mismatch(capsys, tmp_path, done, model_pt, case):
 def test_installed_command_exits_1_with_one_line(tmp_path):
     """The ``wsiscan`` console script itself: exit status 1, one line, no traceback."""
     proc = subprocess.run(
-        [str(BIN / "wsiscan"), "grid", "--slide", str(tmp_path / "x.svs"), "--slide-id", "x",
-         "--mask", str(tmp_path / "m.png"), "--out", str(tmp_path / "r.h5"), "--n", "4",
+        [str(BIN / "wsiscan"), "roi_grid", "--slide", str(tmp_path / "x.svs"), "--slide-id", "x",
+         "--mask", str(tmp_path / "m.png"), "--out-rois", str(tmp_path / "r.h5"), "--n", "4",
          "--alpha", "2"],
         capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )  # fmt: skip
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("wsiscan grid: error:")]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("wsiscan roi_grid: error:")]
     assert len(lines) == 1 and "slide 'x'" in lines[0] and "m.png" in lines[0], proc.stderr

@@ -18,8 +18,9 @@ from benchmarks.bench_pipeline import _child_peak_rss
 from benchmarks.common import figure, goal_met
 from benchmarks.run import GPU_TABLE_BEGIN, TABLE_BEGIN, TABLE_END, refresh_readme, registry
 from benchmarks.synthetic import write_fast_slide, write_tiles_h5
+from wsiscan.formats.rois import RoiGrid, write_rois
 from wsiscan.geometry import Geometry
-from wsiscan.grid import block_grid, write_rois
+from wsiscan.grid import block_grid
 from wsiscan.slide import open_slide
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,10 +193,12 @@ def test_tiles_h5_in_the_infer_format_stitches(tmp_path: Path) -> None:
     mask = np.zeros((15, 20), bool)
     mask[3:9, 5:14] = True
     grid = block_grid(mask, (100.0, 100.0), (2000, 1500), geo)
-    write_rois(
-        tmp_path / "rois.h5",
-        grid,
-        geo,
+    rois = RoiGrid(
+        geometry=geo,
+        level0_xy=grid.level0_xy,
+        grid_xy=grid.grid_xy,
+        tissue_fraction=grid.tissue_fraction,
+        grid_shape=grid.grid_shape,
         slide_id="s",
         slide_wh=(2000, 1500),
         mpp=0.5,
@@ -203,6 +206,7 @@ def test_tiles_h5_in_the_infer_format_stitches(tmp_path: Path) -> None:
         mask_downsample_xy=(100.0, 100.0),
         min_tissue_fraction=0.0,
     )
+    write_rois(tmp_path / "rois.h5", rois)
     info = write_tiles_h5(tmp_path / "tiles.h5", tmp_path / "rois.h5", slide_id="s", seed=3)
     assert info["blocks"] == grid.n_blocks > 0
     cmd = [
@@ -216,9 +220,9 @@ def test_tiles_h5_in_the_infer_format_stitches(tmp_path: Path) -> None:
         str(slide),
         "--slide-id",
         "s",
-        "--out",
+        "--out-probmap",
         str(tmp_path / "probmap.h5"),
-        "--qc",
+        "--out-qc",
         str(tmp_path / "heatmap.png"),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)

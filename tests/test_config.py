@@ -34,8 +34,13 @@ def test_defaults_are_filled_in():
 @pytest.mark.parametrize(
     ("path", "value", "words"),
     [
-        (("tissue", "closing_um"), "fifty", ["tissue.closing_um", "not of type"]),
-        (("tissue", "closing_um"), -1.0, ["tissue.closing_um", "minimum"]),
+        (("tissue", "closing_diameter_um"), "fifty", ["tissue.closing_diameter_um", "not of type"]),
+        (("tissue", "closing_diameter_um"), -1.0, ["tissue.closing_diameter_um", "minimum"]),
+        (
+            ("tissue", "closing_um"),
+            50.0,
+            ["invalid config: renamed key(s): tissue.closing_um is now tissue.closing_diameter_um"],
+        ),
         (("scan", "alpha"), 3, ["scan.alpha", "3"]),
         (("scan", "n"), -2, ["scan.n"]),
         (("infer", "device"), "tpu", ["infer.device"]),
@@ -91,7 +96,8 @@ def test_sheet_real_files_are_checked(tmp_path):
         ("..\tdata/demo/...tif\t\tnormal\ttest", ["line 2", "slide_id"]),
         ("a\tdata/demo/a.tif\t\tmaybe\ttest", ["line 2", "label", "'maybe'"]),
         ("a\tdata/demo/a.tif\t\tnormal\tvalidation", ["line 2", "split"]),
-        ("a\tx.svs\t\ttumor\ttest", ["line 2", "path file 'x.svs' not found"]),
+        ("a\tx.svs\t\tnormal\ttest", ["line 2", "path file 'x.svs' not found"]),
+        ("a\tx.svs\tx.xml\ttumor\ttest", ["line 2", "path file 'x.svs' not found"]),
     ],
 )
 def test_sheet_row_errors_name_the_row(tmp_path, row, words):

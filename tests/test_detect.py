@@ -15,14 +15,16 @@ from wsiscan import __version__
 from wsiscan.detect import (
     cells_to_level0_xy,
     component_points,
-    detect_slide,
-    format_confidence,
+    detect,
     mask_regions,
     nms_cells,
     nms_points,
     slide_score,
 )
 from wsiscan.errors import SlideError
+from wsiscan.formats.lesions import format_confidence
+from wsiscan.formats.probmap import FORMAT as PROBMAP_FORMAT
+from wsiscan.params import DetectParams
 
 
 def nms_reference(prob: np.ndarray, threshold: float, radius_cells: float) -> np.ndarray:
@@ -58,6 +60,7 @@ def write_probmap(
         f.create_dataset("mask", data=m.astype(np.uint8))
         f.attrs.update(
             {
+                "format": PROBMAP_FORMAT,
                 "stride_px": stride_px,
                 "mpp": mpp,
                 "slide_width": slide_wh[0],
@@ -208,16 +211,14 @@ def test_detect_slide_writes_all_outputs(tmp_path, method):
     prob[20:23, 30:33] = 0.6
     pm = write_probmap(tmp_path / "probmap.h5", prob, stride_px=16, mpp=0.5, slide_wh=(635, 470))
     out = {k: tmp_path / f"lesions.{k}" for k in ("csv", "json", "geojson", "xml")}
-    rec = detect_slide(
+    rec = detect(
         pm,
         out["csv"],
         out["json"],
         out["geojson"],
         out["xml"],
+        DetectParams(method=method, threshold=0.5, nms_radius_um=100.0),
         slide_id="s1",
-        method=method,
-        threshold=0.5,
-        radius_um=100.0,
     )
     df = pd.read_csv(out["csv"])
     assert list(df.columns) == ["confidence", "x", "y"]
@@ -244,20 +245,20 @@ def test_detect_slide_writes_all_outputs(tmp_path, method):
     anns = read_asap_xml(out["xml"])
     assert len(anns) == 2
     assert {a.group for a in anns} == {"_0"}
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
 
 
 def test_detect_slide_empty_map_and_wrong_slide(tmp_path):
     pm = write_probmap(tmp_path / "probmap.h5", np.zeros((8, 8), np.float32))
     out = [tmp_path / n for n in ("l.csv", "s.json", "l.geojson", "l.xml")]
-    rec = detect_slide(pm, *out, slide_id="s1")
+    rec = detect(pm, *out, DetectParams(), slide_id="s1")
     assert rec["n_lesions"] == 0 and rec["score"] == 0.0
     assert out[0].read_text() == "confidence,x,y\n"
     assert pd.read_csv(out[0]).empty
     with pytest.raises(SlideError, match="belongs to slide 's1'"):
-        detect_slide(pm, *out, slide_id="other")
+        detect(pm, *out, DetectParams(), slide_id="other")
     with pytest.raises(SlideError, match="not found"):
-        detect_slide(tmp_path / "nope.h5", *out, slide_id="s1")
+        detect(tmp_path / "nope.h5", *out, DetectParams(), slide_id="s1")
 
 
 def test_nms_is_fast_on_a_large_lesion():
@@ -277,7 +278,7 @@ def test_cli_detect(tmp_path, capsys):
     prob = np.zeros((10, 10), np.float32)
     prob[4, 4] = 0.9
     pm = write_probmap(tmp_path / "probmap.h5", prob)
-    args = ["detect", "--probmap", str(pm), "--out-csv", str(tmp_path / "l.csv")]
+    args = ["detect", "--probmap", str(pm), "--out-lesions", str(tmp_path / "l.csv")]
     args += ["--out-score", str(tmp_path / "s.json"), "--out-geojson", str(tmp_path / "l.geojson")]
     args += ["--out-xml", str(tmp_path / "l.xml"), "--method", "components", "--threshold", "0.5"]
     args += ["--nms-radius-um", "100", "--min-area-um2", "0"]

@@ -15,14 +15,13 @@ from skimage import measure
 from skimage.draw import polygon as draw_polygon
 
 from wsiscan import __version__
-from wsiscan.detect import write_lesions_csv
 from wsiscan.errors import SlideError
 from wsiscan.evaluate import (
     FROC_RATES,
     SlideFROC,
     cohort_froc,
     eval_mask_shape,
-    evaluate_cohort,
+    evaluate,
     evaluation_mask,
     froc_curve,
     froc_score,
@@ -31,6 +30,8 @@ from wsiscan.evaluate import (
     slide_auc,
     tumour_mask_from_tiff,
 )
+from wsiscan.formats.lesions import write_lesions_csv
+from wsiscan.params import DetectParams, EvaluateParams
 
 # -- a plain transcription of the official algorithm (loops, Python lists) ------------------------
 LEVEL = 5
@@ -434,7 +435,14 @@ def write_sheet(root: Path, rows: list[dict], split="test") -> Path:
 
 def run(root: Path, sheet: Path, **kw):
     kw.setdefault("bootstrap", 50)
-    return evaluate_cohort(sheet, root / "results", root / "cohort", base_dir=root, **kw)
+    return evaluate(
+        sheet,
+        None,
+        EvaluateParams(**kw),
+        results_dir=root / "results",
+        out_dir=root / "cohort",
+        base_dir=root,
+    )
 
 
 def hand_cohort(root: Path) -> Path:
@@ -510,7 +518,9 @@ def test_evaluate_cohort_writes_every_output(tmp_path):
     lines = (out / "submission" / "tumor_a.csv").read_text().splitlines()
     assert lines[0] == "0.9,2570,2570" and len(lines) == 4
     assert (out / "submission" / "normal_c.csv").read_text() == ""
-    assert not list(out.glob("*.tmp"))
+    # no temporary file or folder left (they are hidden: .<name>.<host>.<pid>.<hex>.tmp)
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+    assert not list((out / "submission").glob(".*.tmp"))
 
 
 def test_evaluate_cohort_matches_the_official_algorithm_on_its_submission(tmp_path):
@@ -604,9 +614,9 @@ def test_cli_evaluate(tmp_path, capsys, monkeypatch):
 
     sheet = hand_cohort(tmp_path)
     monkeypatch.chdir(tmp_path)  # annotation paths in the sheet are relative to the working dir
-    args = ["evaluate", "--sheet", str(sheet), "--results", "results", "--out", "cohort"]
+    args = ["evaluate", "--sheet", str(sheet), "--results-dir", "results", "--out-dir", "cohort"]
     args += ["--split", "test", "--interpolation", "nearest", "--bootstrap", "10", "--seed", "1"]
-    args += ["--froc-fp-on-negative-only", "--exclude"]
+    args += ["--fp-on-negative-only", "--exclude"]
     assert main(args) == 0
     m = json.loads((tmp_path / "cohort" / "metrics.json").read_text())
     assert m["config"]["exclude"] == [] and m["config"]["interpolation"] == "nearest"
@@ -621,7 +631,7 @@ def test_oracle_maps_of_demo_slides_score_perfectly(tmp_path):
     """detect + evaluate on maps that equal the demo cohort's own annotations: every non-ITC
     lesion found, no FP, the synthetic ITC-sized lesions are exactly the ITC regions."""
     from wsiscan.annotations import rasterize, write_asap_xml
-    from wsiscan.detect import detect_slide
+    from wsiscan.detect import detect
     from wsiscan.synth import plan_slide
 
     rows, kinds = [], []
@@ -651,7 +661,7 @@ def test_oracle_maps_of_demo_slides_score_perfectly(tmp_path):
                 }
             )
         outs = [res / n for n in ("lesions.csv", "score.json", "lesions.geojson", "lesions.xml")]
-        detect_slide(res / "probmap.h5", *outs, slide_id=sid, radius_um=200.0)
+        detect(res / "probmap.h5", *outs, DetectParams(nms_radius_um=200.0), slide_id=sid)
         rows.append(
             {"slide_id": sid, "path": "x.tif", "annotation": f"ann/{sid}.xml", "label": label}
         )

@@ -23,12 +23,14 @@ import yaml
 
 from wsiscan.cli import main
 from wsiscan.faults import (
+    HDF5_SIGNATURE,
     clear_failure_record,
     failed_slides,
-    quarantine,
     read_failure_record,
+    unreadable,
     write_failure_record,
 )
+from wsiscan.formats.tiles import FORMAT as TILES_FORMAT
 
 from .conftest import BIN, REPO, run_snakemake, snakemake_env
 from .test_bad_input import (
@@ -40,6 +42,7 @@ from .test_bad_input import (
     he_image,
     run_cli,
     stage_args,
+    temp_files,
     write_tiff,
 )
 
@@ -51,7 +54,7 @@ def test_failure_record_roundtrip(tmp_path):
     rec = read_failure_record(path)
     assert rec["stage"] == "infer" and rec["cause"] == "boom" and rec["slide_id"] == "s1"
     assert rec["wsiscan_version"] and rec["time"]
-    assert not list(path.parent.glob("*.tmp"))
+    assert not temp_files(path.parent)
     assert clear_failure_record(path) and not path.exists()
     assert not clear_failure_record(path)
     assert read_failure_record(path) is None
@@ -64,7 +67,7 @@ def test_failed_slides_ignores_records_older_than_the_slide(tmp_path):
     for sid in ("a", "b"):
         write_failure_record(
             tmp_path / "results" / sid / "FAILED.json",
-            stage="mask",
+            stage="tissue_mask",
             slide_id=sid,
             cause="bad",
             error="SlideError",
@@ -76,18 +79,18 @@ def test_failed_slides_ignores_records_older_than_the_slide(tmp_path):
         os.utime(tmp_path / "results" / sid / "FAILED.json", (past + 10, past + 10))
     os.utime(slides["b"], (past + 20, past + 20))  # b's file was replaced after it failed
     found = failed_slides(tmp_path / "results", {sid: [p] for sid, p in slides.items()})
-    assert list(found) == ["a"] and found["a"]["stage"] == "mask"
+    assert list(found) == ["a"] and found["a"]["stage"] == "tissue_mask"
 
 
 def test_cli_records_a_failure_and_clears_it_on_success(capsys, tmp_path):
     record = tmp_path / "results" / "s1" / "FAILED.json"
     slide = tmp_path / "s1.tif"
     r = Result(tmp_path, slide, "s1")
-    argv = ["--failure-record", record, *stage_args(r, "mask", Path("unused"))]
+    argv = ["--failure-record", record, *stage_args(r, "tissue_mask", Path("unused"))]
     rc, err = run_cli(capsys, *argv)
-    assert_one_line_error(rc, err, "mask", "file not found")
+    assert_one_line_error(rc, err, "tissue_mask", "file not found")
     rec = json.loads(record.read_text())
-    assert rec["stage"] == "mask" and rec["error"] == "SlideError"
+    assert rec["stage"] == "tissue_mask" and rec["error"] == "SlideError"
     assert "s1.tif" in rec["cause"] and "file not found" in rec["cause"]
     write_tiff(slide, he_image(512, 640))
     rc, err = run_cli(capsys, *argv)
@@ -96,24 +99,36 @@ def test_cli_records_a_failure_and_clears_it_on_success(capsys, tmp_path):
 
 
 def test_quarantine_leaves_unreadable_files_it_may_not_judge(tmp_path):
-    path = tmp_path / "tiles.h5"
-    path.write_bytes(b"data")
-    err = quarantine(
-        path, "s1", "tiles file is unreadable", PermissionError(13, "Permission denied")
-    )
+    # a damaged tiles.h5 the workflow wrote: HDF5 signature, its name, in a results folder
+    data = HDF5_SIGNATURE + b"data"
+    path = tmp_path / "results" / "s1" / "tiles.h5"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(data)
+    problem = "tiles file is unreadable"
+    denied = PermissionError(13, "Permission denied")
+    err = unreadable(path, "s1", problem, denied, TILES_FORMAT)
     assert path.exists() and "Permission denied" in err.cause and "moved" not in err.cause
-    err = quarantine(path, "s1", "tiles file is unreadable", OSError("bad signature"))
-    assert not path.exists() and (tmp_path / "tiles.h5.corrupt").read_bytes() == b"data"
+    err = unreadable(path, "s1", problem, OSError("bad signature"), TILES_FORMAT)
+    assert not path.exists() and (path.parent / "tiles.h5.corrupt").read_bytes() == data
     assert "moved aside to tiles.h5.corrupt" in err.cause and "re-run" in err.cause
+    # files the workflow did not write stay: no HDF5 signature, or outside a results folder
+    for other, content in ((path, b"data"), (tmp_path / "tiles.h5", data)):
+        other.write_bytes(content)
+        err = unreadable(other, "s1", problem, OSError("bad signature"), TILES_FORMAT)
+        assert other.read_bytes() == content and "moved" not in err.cause
+        assert "not a file the workflow wrote: left as it is" in err.cause
+    assert (path.parent / "tiles.h5.corrupt").read_bytes() == data
+    assert not (tmp_path / "tiles.h5.corrupt").exists()
 
 
 # -- corrupt intermediates -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def model_pt(tmp_path_factory) -> Path:
-    from wsiscan.model import init_model_checkpoint
+    from wsiscan.model import init_model
+    from wsiscan.params import InitModelParams
 
     path = tmp_path_factory.mktemp("model") / "init.pt"
-    init_model_checkpoint(path, width=0.125, seed=0)
+    init_model(path, InitModelParams(width=0.125, seed=0))
     return path
 
 
@@ -165,8 +180,8 @@ def test_corrupt_intermediate_is_moved_aside(capsys, copy, model_pt, stage, name
         truncate(target)
     elif damage == "chunk":
         spoil_chunk(target, {"tiles": "tiles", "probmap": "prob"}[name])
-    else:
-        target.write_bytes(np.random.default_rng(1).bytes(4096))
+    else:  # garbage after the HDF5 signature (a file that is HDF5 by its first bytes only)
+        target.write_bytes(HDF5_SIGNATURE + np.random.default_rng(1).bytes(4096))
     outputs = {"infer": [copy.tiles], "stitch": [copy.probmap], "detect": [copy.lesions]}[stage]
     for out in outputs:
         out.unlink()
@@ -175,14 +190,14 @@ def test_corrupt_intermediate_is_moved_aside(capsys, copy, model_pt, stage, name
     assert f"moved aside to {target.name}.corrupt" in line and "re-run" in line
     assert not target.exists() and Path(f"{target}.corrupt").is_file()
     for out in outputs:
-        assert not out.exists() and not Path(f"{out}.tmp").exists()
+        assert not out.exists() and not temp_files(out.parent)
 
 
 def test_evaluate_allow_missing_lists_a_corrupt_map(capsys, copy, tmp_path):
     truncate(copy.probmap)
     sheet = tmp_path / "slides.tsv"
     sheet.write_text(HEADER + f"s1\t{copy.slide}\t\tnormal\ttest\n")
-    argv = ["evaluate", "--sheet", sheet, "--results", copy.root / "results", "--out"]
+    argv = ["evaluate", "--sheet", sheet, "--results-dir", copy.root / "results", "--out-dir"]
     rc, err = run_cli(capsys, *argv, tmp_path / "c1", "--bootstrap", "0")
     assert_one_line_error(rc, err, "evaluate", "slide 's1'", "probmap.h5", "moved aside")
     truncate(Path(f"{copy.probmap}.corrupt"))  # the same damage, again in place
@@ -198,9 +213,9 @@ def test_evaluate_allow_missing_lists_a_corrupt_map(capsys, copy, tmp_path):
 def test_every_output_records_version_and_model(capsys, finished, model_pt, tmp_path):
     from wsiscan import __version__
     from wsiscan.annotations import read_asap_xml
-    from wsiscan.model import file_checksum
+    from wsiscan.fileio import sha256_file
 
-    sha = file_checksum(model_pt)
+    sha = sha256_file(model_pt)
     with h5py.File(finished.rois) as f:
         assert f.attrs["wsiscan_version"] == __version__ and f.attrs["geometry_checksum"]
     for path in (finished.tiles, finished.probmap):
@@ -216,7 +231,7 @@ def test_every_output_records_version_and_model(capsys, finished, model_pt, tmp_
 
     sheet = tmp_path / "slides.tsv"
     sheet.write_text(HEADER + f"s1\t{finished.slide}\t\tnormal\ttest\n")
-    argv = ["evaluate", "--sheet", sheet, "--results", finished.root / "results", "--out"]
+    argv = ["evaluate", "--sheet", sheet, "--results-dir", finished.root / "results", "--out-dir"]
     rc, err = run_cli(
         capsys, *argv, tmp_path / "c", "--bootstrap", "0", "--model", model_pt,
         "--config-checksum", "0123456789abcdef",
@@ -239,7 +254,8 @@ def _limit_file_size(limit: int):
 @pytest.mark.parametrize("stage", ["stitch", "infer"])
 def test_file_too_large_fails_cleanly(copy, model_pt, stage):
     """RLIMIT_FSIZE makes every write past 1 KiB fail with EFBIG (a real write error; Python
-    ignores SIGXFSZ): one line with the cause, and no output, not even a half-written .tmp."""
+    ignores SIGXFSZ): one line with the cause, and no output, not even a half-written
+    temporary file."""
     out = {"stitch": copy.probmap, "infer": copy.tiles}[stage]
     out.unlink()
     argv = [str(a) for a in stage_args(copy, stage, model_pt)]
@@ -255,7 +271,7 @@ def test_file_too_large_fails_cleanly(copy, model_pt, stage):
         proc.returncode, proc.stderr, stage, "slide 's1'", out.name, "nothing was written",
         "File too large",
     )  # fmt: skip
-    assert not out.exists() and not Path(f"{out}.tmp").exists()
+    assert not out.exists() and not temp_files(out.parent)
 
 
 @pytest.fixture
@@ -294,7 +310,8 @@ def test_disk_full_fails_cleanly(capsys, copy, model_pt, full_disk, stage, names
     """ENOSPC on a real (tmpfs) file system: one line naming the output and the cause, and
     nothing left in the full file system, not even a ``.tmp``."""
     argv = stage_args(copy, stage, model_pt)
-    for flag in ("--out", "--qc", "--out-csv", "--out-score", "--out-geojson", "--out-xml"):
+    outs = ("--out-tiles", "--out-probmap", "--out-qc", "--out-lesions", "--out-score")
+    for flag in (*outs, "--out-geojson", "--out-xml"):
         if flag in argv:
             k = argv.index(flag) + 1
             argv[k] = full_disk / Path(argv[k]).name
@@ -404,7 +421,7 @@ def test_cohort_with_a_broken_slide(workdir):
         "missing"]] == ["t1"]  # fmt: skip
     proc = run_snakemake(root, "--cores", "2")
     assert json.loads((res / "cohort" / "metrics.json").read_text())["missing"] == []
-    assert not list(res.rglob("*.tmp"))
+    assert not list(res.rglob("*.tmp")) and not list(res.rglob(".*.tmp"))
 
 
 def _descendants(pid: int) -> list[int]:
@@ -436,8 +453,9 @@ def test_killed_infer_job_is_redone_and_identical(workdir):
     """kill -9 of the ``wsiscan infer`` process of a Snakemake job after its first batches: the
     job fails and leaves no tiles.h5; the next run redoes it, and the maps equal those of an
     uninterrupted run (infer + stitch called directly on the same inputs)."""
-    from wsiscan.infer import infer_slide
-    from wsiscan.stitch import stitch_slide
+    from wsiscan.infer import infer
+    from wsiscan.params import InferParams, StitchParams
+    from wsiscan.stitch import stitch
 
     root = workdir
     (root / "slides").mkdir()
@@ -481,15 +499,16 @@ def test_killed_infer_job_is_redone_and_identical(workdir):
     assert "rule infer" in proc.stderr
     res = root / "results" / "k1"
     assert not list((root / "results").rglob("*.tmp"))
+    assert not list((root / "results").rglob(".*.tmp"))
 
     ref = root / "reference"
-    infer_slide(
+    infer(
         root / "slides" / "k1.tif", res / "rois.h5", root / "results" / "model" / "init.pt",
-        ref / "tiles.h5", slide_id="k1", batch_size=1, num_workers=0, device="cpu",
+        ref / "tiles.h5", InferParams(batch_size=1, workers=0, device="cpu"), slide_id="k1",
     )  # fmt: skip
-    stitch_slide(
-        ref / "tiles.h5", ref / "probmap.h5", None, slide_path=None, slide_id="k1",
-        threshold=0.5, opening_um=0.0, closing_um=0.0,
+    stitch(
+        None, ref / "tiles.h5", ref / "probmap.h5", None,
+        StitchParams(threshold=0.5, opening_radius_um=0.0, closing_radius_um=0.0), slide_id="k1",
     )  # fmt: skip
     with h5py.File(res / "tiles.h5") as a, h5py.File(ref / "tiles.h5") as b:
         np.testing.assert_array_equal(a["tiles"][()], b["tiles"][()])

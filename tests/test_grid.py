@@ -11,10 +11,13 @@ import numpy as np
 import pytest
 
 from wsiscan.cli import main
-from wsiscan.errors import SlideError
+from wsiscan.errors import ConfigError, SlideError
+from wsiscan.formats.rois import ATTRS, FORMAT, RoiGrid, read_rois, write_rois
+from wsiscan.formats.tissue_mask import read_tissue_mask, write_tissue_mask
 from wsiscan.geometry import Geometry
-from wsiscan.grid import ROI_ATTRS, block_grid, compute_grid, read_rois, write_rois
-from wsiscan.tissue import compute_tissue_mask, read_tissue_mask
+from wsiscan.grid import block_grid, roi_grid
+from wsiscan.params import RoiGridParams, TissueMaskParams
+from wsiscan.tissue import tissue_mask
 
 CMU = Path(__file__).parent / "data" / "cmu_small_region.svs"
 GEO = Geometry.for_arch("vgg16", n=2, alpha=2)  # Lr 308, Sr 96, block 324, origin -114
@@ -194,7 +197,24 @@ def _write(path: Path, res, **kw):
         min_tissue_fraction=0.0,
     )
     args.update(kw)
-    write_rois(path, res, GEO, **args)
+    grid = RoiGrid(
+        geometry=GEO,
+        level0_xy=res.level0_xy,
+        grid_xy=res.grid_xy,
+        tissue_fraction=res.tissue_fraction,
+        grid_shape=res.grid_shape,
+        **args,
+    )
+    write_rois(path, grid)
+
+
+def _no_temporary_files(folder: Path) -> bool:
+    return not list(folder.glob("*.tmp")) and not list(folder.glob(".*.tmp"))
+
+
+def _grid(slide, mask, out, slide_id: str, **settings) -> dict:
+    """Stage ``roi_grid`` with the config defaults except ``settings``; its summary."""
+    return roi_grid(slide, mask, out, RoiGridParams(**settings), slide_id=slide_id)
 
 
 def test_rois_h5_format_round_trip(tmp_path):
@@ -210,27 +230,27 @@ def test_rois_h5_format_round_trip(tmp_path):
         for key, value in GEO.as_attrs().items():
             assert f.attrs[key] == value, key
         assert f.attrs["geometry_checksum"] == GEO.checksum()
-        assert set(ROI_ATTRS) <= set(f.attrs)
+        assert set(ATTRS) <= set(f.attrs)
+        assert f.attrs["format"] == FORMAT
         assert list(f.attrs["grid_shape"]) == [4, 6]
-    arrays, attrs = read_rois(tmp_path / "rois.h5", "s1")
-    np.testing.assert_array_equal(arrays["level0_xy"], res.level0_xy)
-    np.testing.assert_array_equal(arrays["grid_xy"], res.grid_xy)
-    np.testing.assert_array_equal(arrays["tissue_fraction"], res.tissue_fraction)
-    assert attrs["grid_shape"] == (4, 6) and attrs["slide_id"] == "s1"
-    assert attrs["mask_downsample_x"] == 16.0 and attrs["mpp"] == 0.5
-    assert Geometry.from_attrs(attrs) == GEO
-    assert not (tmp_path / "rois.h5.tmp").exists()
+    grid = read_rois(tmp_path / "rois.h5", "s1")
+    np.testing.assert_array_equal(grid.level0_xy, res.level0_xy)
+    np.testing.assert_array_equal(grid.grid_xy, res.grid_xy)
+    np.testing.assert_array_equal(grid.tissue_fraction, res.tissue_fraction)
+    assert grid.grid_shape == (4, 6) and grid.slide_id == "s1"
+    assert grid.mask_downsample_xy[0] == 16.0 and grid.mpp == 0.5
+    assert grid.geometry == GEO and Geometry.from_attrs(grid.attrs()) == GEO
+    assert grid.n_blocks == res.n_blocks
+    assert _no_temporary_files(tmp_path)
 
 
-def test_empty_rois_file_is_valid(tmp_path, caplog):
+def test_empty_rois_file_is_valid(tmp_path):
     res = block_grid(np.zeros((19, 32), bool), (16, 16), (500, 300), GEO)
-    with caplog.at_level(logging.WARNING):
-        _write(tmp_path / "rois.h5", res)
-    assert "no tissue" in caplog.text
-    arrays, attrs = read_rois(tmp_path / "rois.h5")
-    assert arrays["level0_xy"].shape == (0, 2) and arrays["grid_xy"].shape == (0, 2)
-    assert arrays["tissue_fraction"].shape == (0,)
-    assert attrs["grid_shape"] == (4, 6)
+    _write(tmp_path / "rois.h5", res)
+    grid = read_rois(tmp_path / "rois.h5")
+    assert grid.level0_xy.shape == (0, 2) and grid.grid_xy.shape == (0, 2)
+    assert grid.tissue_fraction.shape == (0,)
+    assert grid.grid_shape == (4, 6) and grid.n_blocks == 0
 
 
 def test_read_rois_rejects_bad_files(tmp_path):
@@ -287,21 +307,38 @@ def test_read_rois_rejects_bad_files(tmp_path):
 @pytest.fixture(scope="module")
 def cmu_mask_png(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cmu_grid")
-    compute_tissue_mask(CMU, "cmu", out / "tissue.png", out / "qc" / "tissue.png")
+    tissue_mask(
+        CMU, out / "tissue.png", out / "qc" / "tissue.png", TissueMaskParams(), slide_id="cmu"
+    )
     return out / "tissue.png"
 
 
-def test_compute_grid_on_cmu_covers_all_tissue(cmu_mask_png, tmp_path):
-    summary = compute_grid(CMU, cmu_mask_png, tmp_path / "rois.h5", slide_id="cmu", n=2, alpha=2)
-    arrays, attrs = read_rois(tmp_path / "rois.h5", "cmu")
+def test_empty_grid_is_written_with_a_warning(cmu_mask_png, tmp_path, caplog):
+    """A mask without tissue: roi_grid writes a valid empty rois.h5 and warns."""
+    mask, meta = read_tissue_mask(cmu_mask_png, "cmu")
+    empty = tmp_path / "tissue.png"
+    write_tissue_mask(empty, np.zeros_like(mask), {**meta, "tissue_fraction": 0.0})
+    with caplog.at_level(logging.WARNING):
+        summary = _grid(CMU, empty, tmp_path / "rois.h5", "cmu", n=2, alpha=2)
+    assert "no tissue" in caplog.text
+    assert summary["n_blocks"] == 0
+    grid = read_rois(tmp_path / "rois.h5", "cmu")
+    assert grid.level0_xy.shape == (0, 2) and grid.grid_xy.shape == (0, 2)
+    assert grid.tissue_fraction.shape == (0,)
+    assert grid.grid_shape == (31, 24)
+
+
+def test_roi_grid_on_cmu_covers_all_tissue(cmu_mask_png, tmp_path):
+    summary = _grid(CMU, cmu_mask_png, tmp_path / "rois.h5", "cmu", n=2, alpha=2)
+    grid = read_rois(tmp_path / "rois.h5", "cmu")
     mask, meta = read_tissue_mask(cmu_mask_png)
-    assert summary["n_blocks"] == arrays["level0_xy"].shape[0] > 0
-    assert attrs["grid_shape"] == (31, 24)  # ceil(2967/96), ceil(2220/96)
-    assert (attrs["slide_width"], attrs["slide_height"]) == (2220, 2967)
-    assert attrs["mpp"] == pytest.approx(0.499) and attrs["mask_level"] == 0
+    assert summary["n_blocks"] == grid.level0_xy.shape[0] > 0
+    assert grid.grid_shape == (31, 24)  # ceil(2967/96), ceil(2220/96)
+    assert grid.slide_wh == (2220, 2967)
+    assert grid.mpp == pytest.approx(0.499) and grid.mask_level == 0
     # every tissue mask pixel (16 px square at level 0) lies in kept coverage
-    kept = np.zeros(attrs["grid_shape"], bool)
-    kept[arrays["grid_xy"][:, 1], arrays["grid_xy"][:, 0]] = True
+    kept = np.zeros(grid.grid_shape, bool)
+    kept[grid.grid_xy[:, 1], grid.grid_xy[:, 0]] = True
     ii, jj = np.nonzero(mask)
     for corner_y, corner_x in ((0, 0), (15, 0), (0, 15), (15, 15)):
         y = np.minimum(ii * 16 + corner_y, 2966)
@@ -311,37 +348,68 @@ def test_compute_grid_on_cmu_covers_all_tissue(cmu_mask_png, tmp_path):
     px_w = np.minimum(16, 2220 - np.arange(mask.shape[1]) * 16)
     px_h = np.minimum(16, 2967 - np.arange(mask.shape[0]) * 16)
     tissue_area = (mask * np.outer(px_h, px_w)).sum()
-    assert arrays["tissue_fraction"].sum() * 96**2 == pytest.approx(tissue_area, rel=1e-3)
+    assert grid.tissue_fraction.sum() * 96**2 == pytest.approx(tissue_area, rel=1e-3)
 
 
-def test_compute_grid_paper_geometry(cmu_mask_png, tmp_path):
+def test_roi_grid_paper_geometry(cmu_mask_png, tmp_path):
     """n = 82 (Lr 2868, Sr 2656): the 2220 x 2967 slide is 2 rows x 1 column of blocks."""
-    compute_grid(CMU, cmu_mask_png, tmp_path / "rois.h5", slide_id="cmu", n=82, alpha=2)
-    arrays, attrs = read_rois(tmp_path / "rois.h5")
-    assert (attrs["Lr"], attrs["Sr"], attrs["grid_shape"]) == (2868, 2656, (2, 1))
-    assert arrays["grid_xy"].tolist() == [[0, 0], [0, 1]]
-    assert arrays["level0_xy"].tolist() == [[-114, -114], [-114, 2656 - 114]]
+    _grid(CMU, cmu_mask_png, tmp_path / "rois.h5", "cmu", n=82, alpha=2)
+    grid = read_rois(tmp_path / "rois.h5")
+    attrs = grid.attrs()
+    assert (attrs["Lr"], attrs["Sr"], grid.grid_shape) == (2868, 2656, (2, 1))
+    assert grid.grid_xy.tolist() == [[0, 0], [0, 1]]
+    assert grid.level0_xy.tolist() == [[-114, -114], [-114, 2656 - 114]]
 
 
-def test_compute_grid_rejects_a_mask_of_another_slide(cmu_mask_png, tmp_path):
+def test_roi_grid_rejects_a_mask_of_another_slide(cmu_mask_png, tmp_path):
     with pytest.raises(SlideError, match="belongs to slide 'cmu'"):
-        compute_grid(CMU, cmu_mask_png, tmp_path / "r.h5", slide_id="other", n=2, alpha=2)
-    with pytest.raises(SlideError, match="invalid scan geometry"):
-        compute_grid(CMU, cmu_mask_png, tmp_path / "r.h5", slide_id="cmu", n=2, alpha=3)
+        _grid(CMU, cmu_mask_png, tmp_path / "r.h5", "other", n=2, alpha=2)
+    # an invalid scan geometry (alpha 3) is refused when the stage's record is built
+    with pytest.raises(ConfigError, match=r"scan\.alpha: must be one of \[1, 2, 4\], got 3"):
+        RoiGridParams(n=2, alpha=3)
     assert not (tmp_path / "r.h5").exists()
 
 
-def test_grid_cli(cmu_mask_png, tmp_path, capsys):
+def test_roi_grid_uses_the_resolution_resolved_by_tissue_mask(tmp_path, capsys):
+    """A slide without a resolution: tissue_mask resolves slide.mpp_fallback once and records it
+    as slide_mpp in tissue.png; roi_grid (which has no fallback of its own) takes the grid's mpp
+    from there. (Replaces the old roi_grid --mpp-fallback.)"""
+    import tifffile
+
+    rgb = np.full((1200, 1600, 3), 243, np.uint8)
+    rgb[300:900, 400:1200] = (232, 150, 192)
+    slide = tmp_path / "nompp.tif"
+    tifffile.imwrite(slide, rgb, tile=(256, 256), photometric="rgb", compression="jpeg")
+    mask, qc, rois = tmp_path / "tissue.png", tmp_path / "qc.png", tmp_path / "rois.h5"
+    with pytest.raises(SlideError, match="slide.mpp_fallback"):
+        tissue_mask(slide, mask, qc, TissueMaskParams(), slide_id="nompp")
+    tissue_mask(slide, mask, qc, TissueMaskParams(mpp_fallback=0.25), slide_id="nompp")
+    assert read_tissue_mask(mask, "nompp")[1]["slide_mpp"] == 0.25
+    assert "mpp_fallback" not in RoiGridParams.settings()
+    summary = _grid(slide, mask, rois, "nompp", n=2, alpha=2)
+    grid = read_rois(rois, "nompp")
+    assert grid.mpp == 0.25 and summary["n_blocks"] == grid.n_blocks > 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:  # only tissue_mask has --mpp-fallback
+        main(["roi_grid", "--slide-id", "nompp", "--slide", str(slide), "--mask", str(mask),
+              "--out-rois", str(tmp_path / "x.h5"), "--mpp-fallback", "0.5"])  # fmt: skip
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: --mpp-fallback" in capsys.readouterr().err
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_roi_grid_cli(cmu_mask_png, tmp_path, capsys):
     out = tmp_path / "rois.h5"
-    args = ["grid", "--slide", str(CMU), "--slide-id", "cmu", "--mask", str(cmu_mask_png)]
+    args = ["roi_grid", "--slide", str(CMU), "--slide-id", "cmu", "--mask", str(cmu_mask_png)]
     rc = main(
-        [*args, "--out", str(out), "--n", "20", "--alpha", "4", "--min-tissue-fraction", "0.2"]
+        [*args, "--out-rois", str(out), "--n", "20", "--alpha", "4", "--min-tissue-fraction", "0.2"]
     )
     assert rc == 0
-    arrays, attrs = read_rois(out, "cmu")
-    assert (attrs["n"], attrs["alpha"], attrs["min_tissue_fraction"]) == (20, 4, 0.2)
-    assert arrays["tissue_fraction"].min() >= 0.2
-    rc = main([*args, "--out", str(tmp_path / "x.h5"), "--n", "2", "--alpha", "2",
+    grid = read_rois(out, "cmu")
+    attrs = grid.attrs()
+    assert (attrs["n"], attrs["alpha"], grid.min_tissue_fraction) == (20, 4, 0.2)
+    assert grid.tissue_fraction.min() >= 0.2
+    rc = main([*args, "--out-rois", str(tmp_path / "x.h5"), "--n", "2", "--alpha", "2",
                "--slide", str(tmp_path / "gone.svs")])  # fmt: skip
     assert rc == 1
     assert "gone.svs" in capsys.readouterr().err

@@ -26,14 +26,21 @@ from wsiscan.cli import MALLOC_TUNING, NO_MALLOC_TUNING_ENV, malloc_tuning_appli
 from wsiscan.cli import main as cli_main
 from wsiscan.dense import patch_classifier
 from wsiscan.errors import SlideError
+from wsiscan.fileio import sha256_file
+from wsiscan.formats import rois as rois_format
+from wsiscan.formats import tiles as tiles_format
+from wsiscan.formats.checkpoint import load_checkpoint, save_checkpoint
 from wsiscan.geometry import Geometry
-from wsiscan.infer import infer_slide
-from wsiscan.model import ScanNet, file_checksum, load_checkpoint, save_checkpoint, to_tensor
-from wsiscan.stitch import clean_mask, mask_in_strips, stitch_slide
+from wsiscan.infer import infer
+from wsiscan.model import ScanNet, to_tensor
+from wsiscan.params import InferParams, StitchParams
+from wsiscan.stitch import clean_mask, mask_in_strips, stitch
 
 SLIDE_W, SLIDE_H, MPP = 300, 240, 0.5
 GEO = Geometry.for_arch("vgg16", n=1, alpha=2)  # Lr 276, Sd 16, Sr 64, block 292, tile 4
 MISSING_BLOCK = (2, 1)  # (bx, by) left out of the grid: its cells must stay 0
+# the stitch radii the old stitch function defaulted to (StitchParams() defaults to 0 / 0 um)
+OLD_STITCH_DEFAULTS = StitchParams(opening_radius_um=8.0, closing_radius_um=16.0)
 
 
 def smooth_texture(h: int, w: int, seed: int) -> np.ndarray:
@@ -104,6 +111,7 @@ def write_rois(path, blocks_bxby, slide_id="synthetic", geometry=GEO, wh=(SLIDE_
         for key, value in geometry.as_attrs().items():
             f.attrs[key] = value
         f.attrs.update(
+            format=rois_format.FORMAT,
             geometry_checksum=geometry.checksum(),
             slide_id=slide_id,
             slide_width=wh[0],
@@ -166,21 +174,21 @@ def test_infer_and_stitch_equal_patch_classifier(slide, model_file, tmp_path):
     )
     argv = [
         "infer", "--slide", str(slide_path), "--slide-id", "synthetic", "--rois", str(rois),
-        "--model", str(model_file), "--out", str(tiles_h5), "--batch-size", "3",
+        "--model", str(model_file), "--out-tiles", str(tiles_h5), "--batch-size", "3",
         "--workers", "2", "--device", "cpu", "--no-amp",
     ]  # fmt: skip
     assert cli_main(argv) == 0
     argv = [
         "stitch", "--tiles", str(tiles_h5), "--slide", str(slide_path), "--slide-id", "synthetic",
-        "--out", str(probmap), "--qc", str(qc), "--threshold", "0.5", "--opening-um", "8",
-        "--closing-um", "16",
+        "--out-probmap", str(probmap), "--out-qc", str(qc), "--threshold", "0.5",
+        "--opening-radius-um", "8", "--closing-radius-um", "16",
     ]  # fmt: skip
     assert cli_main(argv) == 0
 
     with h5py.File(tiles_h5, "r") as f:
         assert f["tiles"].shape == (len(all_blocks()) - 1, GEO.tile_side, GEO.tile_side)
         assert f["tiles"].dtype == np.float32
-        assert f.attrs["model_checksum"] == file_checksum(model_file)
+        assert f.attrs["model_checksum"] == sha256_file(model_file)
         assert f.attrs["dense_mode"] == "single" and f.attrs["device"] == "cpu"
         assert f.attrs["geometry_checksum"] == GEO.checksum()
         tiles_first = f["tiles"][()]
@@ -191,8 +199,9 @@ def test_infer_and_stitch_equal_patch_classifier(slide, model_file, tmp_path):
     assert prob.shape == mask.shape == (rows, cols) == (15, 19)
     assert attrs["stride_px"] == GEO.Sd and tuple(attrs["origin_level0_xy"]) == (0, 0)
     assert (attrs["slide_width"], attrs["slide_height"], attrs["mpp"]) == (SLIDE_W, SLIDE_H, MPP)
-    assert attrs["slide_id"] == "synthetic" and attrs["model_checksum"] == file_checksum(model_file)
+    assert attrs["slide_id"] == "synthetic" and attrs["model_checksum"] == sha256_file(model_file)
     assert attrs["opening_radius_cells"] == 1 and attrs["closing_radius_cells"] == 2
+    assert (attrs["opening_radius_um"], attrs["closing_radius_um"]) == (8.0, 16.0)
 
     model, _ = load_checkpoint(model_file)
     cells = check_cells(rows, cols)
@@ -207,27 +216,23 @@ def test_infer_and_stitch_equal_patch_classifier(slide, model_file, tmp_path):
     assert np.all(prob[: by * T] > 0) and np.all(prob[(by + 1) * T :] > 0)
     np.testing.assert_array_equal(mask, clean_mask(prob, 0.5, 1, 2).astype(np.uint8))
     assert qc.stat().st_size > 10_000 and qc.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not list(tmp_path.glob("*.tmp")) and not list(qc.parent.glob("*.tmp"))
+    for folder in (tmp_path, qc.parent):
+        assert not list(folder.glob("*.tmp")) and not list(folder.glob(".*.tmp"))
 
     # same inputs -> same tiles; shift-and-stitch, another batch size and no workers agree
     subset = all_blocks(skip=[MISSING_BLOCK])[:7]
     rois = write_rois(tmp_path / "rois_subset.h5", subset)
-    infer_slide(
-        slide_path, rois, model_file, tiles_h5, slide_id="synthetic", batch_size=3, num_workers=2,
-        device="cpu",
-    )  # fmt: skip
+    params = InferParams(batch_size=3, workers=2, device="cpu")
+    infer(slide_path, rois, model_file, tiles_h5, params, slide_id="synthetic")
     with h5py.File(tiles_h5, "r") as f:
         tiles_first = f["tiles"][()]
     again = tmp_path / "again.h5"
-    infer_slide(
-        slide_path, rois, model_file, again, slide_id="synthetic", batch_size=3, num_workers=2,
-        device="cpu",
-    )  # fmt: skip
+    infer(slide_path, rois, model_file, again, params, slide_id="synthetic")
     shift = tmp_path / "shift.h5"
-    infer_slide(
-        slide_path, rois, model_file, shift, slide_id="synthetic", batch_size=5, num_workers=0,
-        device="cpu", dense_mode="shift", tile_dtype="float16",
-    )  # fmt: skip
+    shift_params = InferParams(
+        batch_size=5, workers=0, device="cpu", dense_mode="shift", tile_dtype="float16"
+    )
+    infer(slide_path, rois, model_file, shift, shift_params, slide_id="synthetic")
     with h5py.File(again, "r") as f:
         np.testing.assert_array_equal(f["tiles"][()], tiles_first)
     with h5py.File(shift, "r") as f:
@@ -240,7 +245,7 @@ def test_border_block_reads_white_outside(slide, model_file, tmp_path):
     slide_path, img = slide
     rois = write_rois(tmp_path / "rois.h5", [(0, 0)])
     tiles_h5 = tmp_path / "tiles.h5"
-    infer_slide(slide_path, rois, model_file, tiles_h5, slide_id="synthetic", num_workers=0)
+    infer(slide_path, rois, model_file, tiles_h5, InferParams(workers=0), slide_id="synthetic")
     with h5py.File(tiles_h5, "r") as f:
         tile = f["tiles"][0]
     model, _ = load_checkpoint(model_file)
@@ -259,11 +264,11 @@ def test_zero_blocks(slide, model_file, tmp_path):
     slide_path, _ = slide
     rois = write_rois(tmp_path / "rois.h5", [])
     tiles_h5, probmap, qc = tmp_path / "tiles.h5", tmp_path / "probmap.h5", tmp_path / "qc.png"
-    summary = infer_slide(slide_path, rois, model_file, tiles_h5, slide_id="synthetic")
+    summary = infer(slide_path, rois, model_file, tiles_h5, InferParams(), slide_id="synthetic")
     assert summary["blocks"] == 0
     with h5py.File(tiles_h5, "r") as f:
         assert f["tiles"].shape == (0, GEO.tile_side, GEO.tile_side)
-    result = stitch_slide(tiles_h5, probmap, qc, slide_path=slide_path, slide_id="synthetic")
+    result = stitch(slide_path, tiles_h5, probmap, qc, OLD_STITCH_DEFAULTS, slide_id="synthetic")
     assert result["tiles"] == 0 and result["mask_cells"] == 0
     with h5py.File(probmap, "r") as f:
         assert f["prob"].shape == (15, 19) and not f["prob"][()].any() and not f["mask"][()].any()
@@ -274,20 +279,22 @@ def test_infer_errors_leave_no_output(slide, model_file, tmp_path, capsys):
     slide_path, _ = slide
     out = tmp_path / "tiles.h5"
     wrong_size = write_rois(tmp_path / "rois_big.h5", [(0, 0)], wh=(SLIDE_W + 64, SLIDE_H))
+    no_workers = InferParams(workers=0)
     with pytest.raises(SlideError, match="300x240"):
-        infer_slide(slide_path, wrong_size, model_file, out, slide_id="synthetic", num_workers=0)
+        infer(slide_path, wrong_size, model_file, out, no_workers, slide_id="synthetic")
     other = write_rois(tmp_path / "rois_other.h5", [(0, 0)], slide_id="other")
     with pytest.raises(SlideError, match="other"):
-        infer_slide(slide_path, other, model_file, out, slide_id="synthetic", num_workers=0)
+        infer(slide_path, other, model_file, out, no_workers, slide_id="synthetic")
     rois = write_rois(tmp_path / "rois.h5", [(0, 0)])
     bad_model = tmp_path / "bad.pt"
     bad_model.write_bytes(b"\x00" * 64)
     code = cli_main(
         ["infer", "--slide", str(slide_path), "--slide-id", "synthetic", "--rois", str(rois),
-         "--model", str(bad_model), "--out", str(out), "--workers", "0"]
+         "--model", str(bad_model), "--out-tiles", str(out), "--workers", "0"]
     )  # fmt: skip
     assert code == 1 and "bad.pt" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc malloc settings")
@@ -303,7 +310,7 @@ def test_infer_command_restarts_with_malloc_settings(slide, model_file, tmp_path
         out = tmp_path / f"tiles{tuning}.h5"
         res = subprocess.run(
             [wsiscan, "-v", "infer", "--slide", slide_path, "--slide-id", "synthetic",
-             "--rois", rois, "--model", model_file, "--out", out, "--workers", "0",
+             "--rois", rois, "--model", model_file, "--out-tiles", out, "--workers", "0",
              "--device", "cpu"],
             env=env | {NO_MALLOC_TUNING_ENV: tuning}, capture_output=True, text=True, check=True,
         )  # fmt: skip
@@ -312,7 +319,7 @@ def test_infer_command_restarts_with_malloc_settings(slide, model_file, tmp_path
         with h5py.File(out, "r") as f:
             tiles[tuning] = f["tiles"][:]
     assert np.array_equal(tiles["1"], tiles["0"])
-    assert malloc_tuning_applies("train-round", {}) and not malloc_tuning_applies("stitch", {})
+    assert malloc_tuning_applies("train_round", {}) and not malloc_tuning_applies("stitch", {})
     assert not malloc_tuning_applies("infer", {"MALLOC_TRIM_THRESHOLD_": "1"})  # the user's own
 
 
@@ -339,6 +346,7 @@ def test_stitch_strips_and_edge_crop(slide, model_file, tmp_path):
         n = src["grid_xy"].shape[0]
         for key, value in src.attrs.items():
             f.attrs[key] = value
+        f.attrs["format"] = tiles_format.FORMAT
         f.attrs["model_checksum"] = "0" * 64
         f["grid_xy"] = src["grid_xy"][()]
         f["level0_xy"] = src["level0_xy"][()]
@@ -347,8 +355,8 @@ def test_stitch_strips_and_edge_crop(slide, model_file, tmp_path):
         f["tiles"] = np.repeat(values, T * T).reshape(n, T, T)
         grid = src["grid_xy"][()]
     a, b = tmp_path / "a.h5", tmp_path / "b.h5"
-    stitch_slide(tiles_h5, a, None, slide_path=None, slide_id="synthetic", strip_rows=1)
-    stitch_slide(tiles_h5, b, None, slide_path=None, slide_id="synthetic", strip_rows=10_000)
+    stitch(None, tiles_h5, a, None, OLD_STITCH_DEFAULTS, slide_id="synthetic", strip_rows=1)
+    stitch(None, tiles_h5, b, None, OLD_STITCH_DEFAULTS, slide_id="synthetic", strip_rows=10_000)
     with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
         pa, pb = fa["prob"][()], fb["prob"][()]
         np.testing.assert_array_equal(pa, pb)
@@ -359,7 +367,7 @@ def test_stitch_strips_and_edge_crop(slide, model_file, tmp_path):
         assert block.size and np.all(block == values[k])
     assert pa.shape == (15, 19) and np.all(pa > 0)  # last row/column cropped, nothing missing
     with pytest.raises(SlideError, match="belongs to slide"):
-        stitch_slide(tiles_h5, a, None, slide_path=None, slide_id="other")
+        stitch(None, tiles_h5, a, None, OLD_STITCH_DEFAULTS, slide_id="other")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -368,12 +376,15 @@ def test_infer_on_cuda_matches_cpu(slide, model_file, tmp_path):
     identical; AMP (bf16) is close but not exact."""
     slide_path, _ = slide
     rois = write_rois(tmp_path / "rois.h5", all_blocks())
-    run = {"slide_id": "synthetic", "batch_size": 4, "num_workers": 2}
+    run = InferParams(batch_size=4, workers=2)
     flags = (torch.backends.cudnn.allow_tf32, torch.backends.cudnn.deterministic)
-    infer_slide(slide_path, rois, model_file, tmp_path / "cpu.h5", device="cpu", **run)
-    infer_slide(slide_path, rois, model_file, tmp_path / "gpu.h5", device="cuda", **run)
-    infer_slide(slide_path, rois, model_file, tmp_path / "gpu2.h5", device="cuda", **run)
-    infer_slide(slide_path, rois, model_file, tmp_path / "amp.h5", device="cuda", amp=True, **run)
+    for name, params in {
+        "cpu": run.replace(device="cpu"),
+        "gpu": run.replace(device="cuda"),
+        "gpu2": run.replace(device="cuda"),
+        "amp": run.replace(device="cuda", amp=True),
+    }.items():
+        infer(slide_path, rois, model_file, tmp_path / f"{name}.h5", params, slide_id="synthetic")
     tiles = {}
     for name in ("cpu", "gpu", "gpu2", "amp"):
         with h5py.File(tmp_path / f"{name}.h5", "r") as f:

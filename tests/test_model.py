@@ -10,21 +10,20 @@ import pytest
 import torch
 
 from wsiscan.cli import main as cli_main
-from wsiscan.errors import WsiscanError
+from wsiscan.errors import CheckpointError, WsiscanError
+from wsiscan.fileio import sha256_file
+from wsiscan.formats.checkpoint import load_checkpoint, save_checkpoint
 from wsiscan.geometry import Geometry
 from wsiscan.model import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    CheckpointError,
     ScanNet,
-    file_checksum,
-    init_model_checkpoint,
-    load_checkpoint,
+    init_model,
     load_torchvision_vgg16,
-    save_checkpoint,
     to_tensor,
     tumour_probability,
 )
+from wsiscan.params import InitModelParams
 
 # torchvision's VGG16 / VGG16-BN `features` indices of the 13 convolutions (fixed by its source)
 TV_VGG16_CONVS = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
@@ -260,8 +259,8 @@ def test_checkpoint_round_trip(tmp_path):
     path = tmp_path / "sub" / "model.pt"
     meta = {"epochs": 2, "loss": np.float32(0.25), "slides": ["a", "b"], "round": 1}
     sha = save_checkpoint(path, model, meta)
-    assert sha == hashlib.sha256(path.read_bytes()).hexdigest() == file_checksum(path)
-    assert not list(path.parent.glob("*.tmp"))
+    assert sha == hashlib.sha256(path.read_bytes()).hexdigest() == sha256_file(path)
+    assert not list(path.parent.glob("*.tmp")) and not list(path.parent.glob(".*.tmp"))
     raw = torch.load(path, weights_only=True)
     assert raw["config"]["arch"] == "vgg16" and raw["config"]["geometry"] == {"Lf": 244, "Sf": 32}
     assert raw["config"]["meta"] == {"epochs": 2, "loss": 0.25, "slides": ["a", "b"], "round": 1}
@@ -340,14 +339,14 @@ def test_load_checkpoint_refuses_pickle_and_mismatches(tmp_path):
 
 def test_init_model_cli_random_and_imagenet(tmp_path, capsys):
     out = tmp_path / "model.pt"
-    argv = ["init-model", "--out", str(out), "--width", "0.125", "--seed", "5"]
+    argv = ["init_model", "--out-model", str(out), "--width", "0.125", "--seed", "5"]
     assert cli_main(argv) == 0
     model, config = load_checkpoint(out)
     assert config["width"] == 0.125 and config["meta"]["seed"] == 5
     assert config["meta"]["init"] == "random"
-    again = init_model_checkpoint(tmp_path / "again.pt", width=0.125, seed=5)
-    assert again["sha256"] == file_checksum(out)  # same seed, same file
-    other = init_model_checkpoint(tmp_path / "other.pt", width=0.125, seed=6)
+    again = init_model(tmp_path / "again.pt", InitModelParams(width=0.125, seed=5))
+    assert again["sha256"] == sha256_file(out)  # same seed, same file
+    other = init_model(tmp_path / "other.pt", InitModelParams(width=0.125, seed=6))
     assert other["sha256"] != again["sha256"]
 
     weights = tmp_path / "vgg16.pth"
@@ -355,13 +354,20 @@ def test_init_model_cli_random_and_imagenet(tmp_path, capsys):
     out2 = tmp_path / "imagenet.pt"
     assert (
         cli_main(
-            ["init-model", "--out", str(out2), "--no-batchnorm", "--imagenet-weights", str(weights)]
+            [
+                "init_model",
+                "--out-model",
+                str(out2),
+                "--no-batchnorm",
+                "--imagenet-weights",
+                str(weights),
+            ]
         )
         == 0
     )
     model2, config2 = load_checkpoint(out2)
     assert config2["batchnorm"] is False and config2["meta"]["init"] == "imagenet"
-    assert config2["meta"]["imagenet_sha256"] == file_checksum(weights)
+    assert config2["meta"]["imagenet_sha256"] == sha256_file(weights)
     assert torch.equal(
         model2.features[0].weight, torch.load(weights, weights_only=True)["features.0.weight"]
     )
@@ -369,8 +375,8 @@ def test_init_model_cli_random_and_imagenet(tmp_path, capsys):
     # a user error prints one line and exits 1
     code = cli_main(
         [
-            "init-model",
-            "--out",
+            "init_model",
+            "--out-model",
             str(tmp_path / "x.pt"),
             "--width",
             "0.5",

@@ -6,7 +6,7 @@ under --keep-going (module fixture); each test works on a copy of that state:
 - fixing the slide and naming its target re-runs only that slide's jobs and the cohort evaluation;
   every file of the other slides keeps its modification time;
 - changing detect.threshold re-runs detect (all slides) and evaluate, nothing upstream; changing
-  stitch.closing_um re-runs stitch, detect and evaluate, nothing upstream.
+  stitch.closing_radius_um re-runs stitch, detect and evaluate, nothing upstream.
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ def test_config_edit_reruns_the_stage_and_downstream_only(
 
     # stitch morphology: stitch, detect and evaluate; inference stays
     before = after
-    set_config(root, "stitch", "closing_um", 40.0)
+    set_config(root, "stitch", "closing_radius_um", 40.0)
     proc = run_snakemake(root, "--cores", "2")
     assert job_stats(proc.stderr) == Counter({"stitch": 3, "detect": 3, "evaluate": 1, "all": 1})
     after = mtimes(root)

@@ -67,7 +67,7 @@ def test_sheet_from_the_camelyon16_layout(tmp_path):
     assert rows.loc["test_001", "label"] == "tumor" and rows.loc["test_001", "split"] == "test"
     assert rows.loc["test_002", "label"] == "normal" and rows.loc["test_002", "annotation"] == ""
     assert rows.loc["test_003", "annotation"].endswith("testing/lesion_annotations/test_003.xml")
-    assert not list(out.parent.glob("*.tmp"))
+    assert not list(out.parent.glob("*.tmp")) and not list(out.parent.glob(".*.tmp"))
 
 
 def test_the_sheet_passes_the_workflow_validation(tmp_path):

@@ -11,6 +11,7 @@ import tifffile
 
 from wsiscan import slide as slide_mod
 from wsiscan.errors import SlideError
+from wsiscan.params import SynthSlideParams
 from wsiscan.slide import check_slide_id, open_slide
 from wsiscan.synth import synth_slide
 
@@ -55,8 +56,10 @@ def test_slide_without_mpp_needs_a_fallback(tmp_path):
     path = tmp_path / "nompp.tif"
     img = np.full((512, 512, 3), 200, np.uint8)
     tifffile.imwrite(path, img, tile=(256, 256), photometric="rgb")
-    with pytest.raises(SlideError, match="no microns-per-pixel"):
-        open_slide(path, slide_id="nompp")
+    with open_slide(path, slide_id="nompp") as s:  # the resolution is resolved on first use
+        assert s.dimensions == (512, 512)
+        with pytest.raises(SlideError, match="no microns-per-pixel.*slide.mpp_fallback"):
+            _ = s.mpp
     with open_slide(path, slide_id="nompp", mpp_fallback=0.25) as s:
         assert s.mpp == 0.25
 
@@ -98,7 +101,8 @@ def test_direct_reader_equals_openslide_on_aperio_svs(cmu_svs):
 def test_direct_reader_equals_openslide_on_a_pyramidal_tiff(tmp_path):
     """The demo writer's pyramid: YCbCr 4:2:0 JPEG tiles, as Camelyon16's TIFFs."""
     tif, xml = tmp_path / "t.tif", tmp_path / "t.xml"
-    synth_slide("unit_tumor_01", "tumor", 3, tif, xml, 1801, 1701, 0.5, size_jitter=0.0)
+    params = SynthSlideParams(seed=3, width_px=1801, height_px=1701, mpp=0.5, size_jitter=0.0)
+    synth_slide(tif, xml, params, slide_id="unit_tumor_01", label="tumor")
     _assert_same_as_openslide(tif, seed=2)
 
 

@@ -17,6 +17,7 @@ from skimage import measure
 from wsiscan import cli
 from wsiscan.annotations import Annotation, fill_polygon, rasterize, read_asap_xml
 from wsiscan.errors import ConfigError
+from wsiscan.params import SynthSlideParams
 from wsiscan.slide import open_slide
 from wsiscan.synth import (
     CHUNK_PX,
@@ -40,9 +41,8 @@ TUMOUR_ID, SEED, W, H, MPP = "unit_tumor_03", 5, 4001, 3001, 0.5
 @pytest.fixture(scope="module")
 def tumour_slide(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("synth")
-    summary = synth_slide(
-        TUMOUR_ID, "tumor", SEED, out / "t.tif", out / "t.xml", W, H, MPP, size_jitter=0.0
-    )
+    params = SynthSlideParams(seed=SEED, width_px=W, height_px=H, mpp=MPP, size_jitter=0.0)
+    summary = synth_slide(out / "t.tif", out / "t.xml", params, slide_id=TUMOUR_ID, label="tumor")
     plan = plan_slide(TUMOUR_ID, "tumor", SEED, W, H, MPP, size_jitter=0.0)
     return {"tif": out / "t.tif", "xml": out / "t.xml", "summary": summary, "plan": plan}
 
@@ -102,10 +102,11 @@ def test_same_arguments_give_identical_bytes(tmp_path: Path) -> None:
     def digest(path: Path) -> str:
         return hashlib.sha256(path.read_bytes()).hexdigest()
 
-    args = ("unit_normal_01", "normal", 11)
+    params = SynthSlideParams(seed=11, width_px=1900, height_px=1800, mpp=0.5)
+    args = {"slide_id": "unit_normal_01", "label": "normal"}
     runs = []
     for name in ("a", "b"):
-        s = synth_slide(*args, tmp_path / f"{name}.tif", tmp_path / f"{name}.xml", 1900, 1800, 0.5)
+        s = synth_slide(tmp_path / f"{name}.tif", tmp_path / f"{name}.xml", params, **args)
         runs.append((digest(tmp_path / f"{name}.tif"), digest(tmp_path / f"{name}.xml"), s))
     assert runs[0][:2] == runs[1][:2]
     assert read_asap_xml(tmp_path / "a.xml") == []  # normal slides still get an XML
@@ -115,10 +116,11 @@ def test_same_arguments_give_identical_bytes(tmp_path: Path) -> None:
     assert 0.8 * 1900 <= s["width_px"] <= 1.2 * 1900 + 1
     assert slide_seed(11, "unit_normal_01") != slide_seed(12, "unit_normal_01")
     synth_slide(
-        "unit_normal_02", "normal", 11, tmp_path / "c.tif", tmp_path / "c.xml", 1900, 1800, 0.5
+        tmp_path / "c.tif", tmp_path / "c.xml", params, slide_id="unit_normal_02", label="normal"
     )
     assert digest(tmp_path / "c.tif") != runs[0][0]
-    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".synth-spool-*"))
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+    assert not list(tmp_path.glob(".synth-spool-*"))
 
 
 # -- painted tumour == annotations ---------------------------------------------------------------
@@ -220,7 +222,9 @@ def _evaluation_regions(annotations, shape_hw, mpp: float) -> list[float]:
 
 def test_demo_cohort_plan_covers_every_case() -> None:
     """Plans (no pixels) of the sheet's demo slides at the configured size hold every case."""
-    demo = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["demo"]
+    demo = SynthSlideParams.from_config(
+        yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    )
     with open(REPO / "config" / "slides.tsv", newline="") as fh:
         rows = list(csv.DictReader(fh, delimiter="\t"))
     assert [r["split"] for r in rows].count("train") == 10
@@ -231,7 +235,7 @@ def test_demo_cohort_plan_covers_every_case() -> None:
         assert row["path"] == f"data/demo/{sid}.tif"
         assert row["annotation"] == (f"data/demo/{sid}.xml" if label == "tumor" else "")
         plan = plan_slide(
-            sid, label, demo["seed"], demo["width_px"], demo["height_px"], demo["mpp"]
+            sid, label, demo.seed, demo.width_px, demo.height_px, demo.mpp, demo.size_jitter
         )
         levels = len(plan.level_sizes())
         assert plan.width_px % 2**levels and plan.height_px % 2**levels
@@ -295,7 +299,7 @@ def test_pyramid_level_sizes() -> None:
 
 
 def test_cli_synth(tmp_path: Path, capsys) -> None:
-    args = ["synth", "--slide-id", "cli_normal_01", "--label", "normal", "--seed", "1"]
+    args = ["synth_slide", "--slide-id", "cli_normal_01", "--label", "normal", "--seed", "1"]
     out = ["--out-slide", str(tmp_path / "s.tif"), "--out-xml", str(tmp_path / "s.xml")]
     size = ["--width-px", "1701", "--height-px", "1801", "--mpp", "0.5", "--size-jitter", "0"]
     assert cli.main(args + out + size) == 0

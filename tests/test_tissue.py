@@ -13,19 +13,13 @@ from scipy import ndimage as ndi
 from skimage import draw
 
 from wsiscan.cli import main
-from wsiscan.errors import SlideError
-from wsiscan.grid import compute_grid, read_rois
+from wsiscan.errors import ConfigError, SlideError
+from wsiscan.formats.rois import read_rois
+from wsiscan.formats.tissue_mask import MASK_META_TYPES, read_tissue_mask
+from wsiscan.grid import roi_grid
+from wsiscan.params import RoiGridParams, TissueMaskParams
 from wsiscan.slide import open_slide
-from wsiscan.tissue import (
-    MASK_META_TYPES,
-    QC_OUTLINE_RGB,
-    compute_tissue_mask,
-    hsv_features,
-    read_low_res,
-    read_tissue_mask,
-    tissue_mask,
-    tissue_mask_details,
-)
+from wsiscan.tissue import QC_OUTLINE_RGB, hsv_features, read_low_res, segment_tissue, tissue_mask
 
 DATA = Path(__file__).parent / "data"
 CMU = DATA / "cmu_small_region.svs"
@@ -89,6 +83,16 @@ def _pen_and_dust(rgb: np.ndarray, seed: int = 2) -> np.ndarray:
     return drawn
 
 
+def mask_of(rgb: np.ndarray, mpp: float, **settings) -> np.ndarray:
+    """The tissue mask of ``rgb`` with the config defaults except ``settings``."""
+    return segment_tissue(rgb, mpp, TissueMaskParams(**settings))[0]
+
+
+def make_mask(slide: Path, out_mask: Path, out_qc: Path, slide_id: str, **settings) -> dict:
+    """Stage ``tissue_mask`` with the config defaults except ``settings``; its metadata."""
+    return tissue_mask(slide, out_mask, out_qc, TissueMaskParams(**settings), slide_id=slide_id)
+
+
 def write_pyramid(path: Path, level0: np.ndarray, mpp: float, factors=(1, 4, 16)) -> Path:
     """OpenSlide-readable generic TIFF: one page per level, 256 px JPEG tiles, resolution in cm."""
     with tifffile.TiffWriter(path) as tw:
@@ -120,7 +124,7 @@ def test_hsv_features_match_skimage():
 def test_tissue_found_on_background(method):
     rgb = _background((200, 240))
     truth = _paint_tissue(rgb, (100, 110), (60, 80))
-    mask = tissue_mask(rgb, 8.0, method=method)
+    mask = mask_of(rgb, 8.0, method=method)
     iou = (mask & truth).sum() / (mask | truth).sum()
     assert iou > 0.95, iou
 
@@ -132,13 +136,13 @@ def test_tissue_found_on_background(method):
 def test_blank_slide_gives_empty_mask(method, tint):
     """White, bright, yellowish and dim-grey glass with noise: no contrast, no tissue."""
     rgb = _background((150, 200), tint=tint)
-    mask, info = tissue_mask_details(rgb, 8.0, method=method)
+    mask, info = segment_tissue(rgb, 8.0, TissueMaskParams(method=method))
     assert not mask.any(), info
 
 
 def test_constant_image_gives_empty_mask():
-    assert not tissue_mask(np.full((30, 30, 3), 255, np.uint8), 8.0).any()
-    assert not tissue_mask(np.zeros((30, 30, 3), np.uint8), 8.0, method="grey").any()
+    assert not mask_of(np.full((30, 30, 3), 255, np.uint8), 8.0).any()
+    assert not mask_of(np.zeros((30, 30, 3), np.uint8), 8.0, method="grey").any()
 
 
 @pytest.mark.parametrize("method", ["saturation", "both"])
@@ -146,7 +150,7 @@ def test_pen_marks_and_dust_on_white_are_not_tissue(method):
     rgb = _background((200, 200), seed=3)
     drawn = _pen_and_dust(rgb)
     assert drawn.sum() > 1500  # the artefacts are substantial
-    mask = tissue_mask(rgb, 8.0, method=method)
+    mask = mask_of(rgb, 8.0, method=method)
     assert not mask.any(), mask.sum()
 
 
@@ -154,7 +158,7 @@ def test_pen_filter_is_what_removes_the_pen():
     """Without the artefact filter the same strokes become tissue (the test can fail)."""
     rgb = _background((200, 200), seed=3)
     _pen_and_dust(rgb)
-    assert tissue_mask(rgb, 8.0, artefact_filter=False).sum() > 500
+    assert mask_of(rgb, 8.0, artefact_filter=False).sum() > 500
 
 
 def test_pen_beside_tissue_is_excluded():
@@ -163,7 +167,7 @@ def test_pen_beside_tissue_is_excluded():
     pen = np.zeros(rgb.shape[:2], bool)
     pen[20:200, 30:38] = True  # a blue stroke well away from the tissue
     rgb[pen] = PEN_BLUE
-    mask = tissue_mask(rgb, 8.0)
+    mask = mask_of(rgb, 8.0)
     assert not (mask & pen).any()
     assert (mask & truth).sum() / (mask | truth).sum() > 0.95
 
@@ -189,7 +193,7 @@ def test_morphology_sizes_are_in_micrometres():
         parts["big_piece"] = (slice(int(100 * s), int(124 * s)), slice(int(190 * s), int(214 * s)))
         for key in ("small_piece", "big_piece"):
             rgb[parts[key]] = PINK
-        mask = tissue_mask(rgb, mpp, closing_um=0, min_area_um2=20_000, hole_area_um2=50_000)
+        mask = mask_of(rgb, mpp, closing_diameter_um=0, min_area_um2=20_000, hole_area_um2=50_000)
         return mask, parts
 
     for mpp in (8.0, 4.0):
@@ -200,31 +204,31 @@ def test_morphology_sizes_are_in_micrometres():
         assert mask[parts["big_piece"]].all(), mpp
 
 
-def test_closing_bridges_gaps_narrower_than_closing_um():
+def test_closing_bridges_gaps_narrower_than_the_closing_diameter():
     rgb = np.full((100, 160, 3), 243, np.uint8)
     rgb[20:80, 20:78] = PINK
     rgb[20:80, 82:140] = PINK  # 4 px = 32 um gap
-    bridged = tissue_mask(rgb, 8.0, closing_um=50, min_area_um2=0, hole_area_um2=0)
+    bridged = mask_of(rgb, 8.0, closing_diameter_um=50, min_area_um2=0, hole_area_um2=0)
     assert bridged[25:75, 78:82].all()  # (disk closing rounds the corners)
-    open_ = tissue_mask(rgb, 8.0, closing_um=16, min_area_um2=0, hole_area_um2=0)
+    open_ = mask_of(rgb, 8.0, closing_diameter_um=16, min_area_um2=0, hole_area_um2=0)
     assert not open_[20:80, 78:82].any()
 
 
 def test_invalid_arguments():
     rgb = np.zeros((4, 4, 3), np.uint8)
-    with pytest.raises(ValueError, match="method"):
-        tissue_mask(rgb, 8.0, method="otsu")
+    with pytest.raises(ConfigError, match=r"tissue\.method: must be one of .*'otsu'"):
+        TissueMaskParams(method="otsu")
     with pytest.raises(ValueError, match="mpp"):
-        tissue_mask(rgb, 0.0)
+        segment_tissue(rgb, 0.0)
     with pytest.raises(ValueError, match="uint8"):
-        tissue_mask(rgb.astype(float), 8.0)
+        segment_tissue(rgb.astype(float), 8.0)
 
 
 # -- the stage on real files ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cmu_mask(tmp_path_factory):
     out = tmp_path_factory.mktemp("cmu")
-    meta = compute_tissue_mask(CMU, "cmu", out / "tissue.png", out / "qc" / "tissue.png")
+    meta = make_mask(CMU, out / "tissue.png", out / "qc" / "tissue.png", "cmu")
     return out, meta
 
 
@@ -239,6 +243,7 @@ def test_cmu_mask_plausible(cmu_mask, caplog):
     assert read_meta["level"] == 0 and read_meta["reduce_factor"] == 16
     assert read_meta["downsample_x"] == read_meta["downsample_y"] == 16.0
     assert read_meta["mask_mpp"] == pytest.approx(0.499 * 16)
+    assert read_meta["slide_mpp"] == pytest.approx(0.499)  # resolved once, here
     assert mask.shape == (186, 139)  # ceil(2967/16), ceil(2220/16)
     assert (read_meta["slide_width"], read_meta["slide_height"]) == (2220, 2967)
     for key, typ in MASK_META_TYPES.items():
@@ -264,7 +269,7 @@ def test_pyramid_level_chosen_by_mpp_not_index(tmp_path):
     rr, cc = draw.ellipse(1000, 1500, 600, 900, shape=level0.shape[:2])
     level0[rr, cc] = PINK
     slide = write_pyramid(tmp_path / "s.tif", level0, 0.5)
-    meta = compute_tissue_mask(slide, "s", tmp_path / "m.png", tmp_path / "qc.png")
+    meta = make_mask(slide, tmp_path / "m.png", tmp_path / "qc.png", "s")
     assert meta["level"] == 2 and meta["reduce_factor"] == 1
     assert meta["downsample_x"] == pytest.approx(3000 / 188)  # non-integer: 188 px wide level
     assert meta["downsample_y"] == pytest.approx(2000 / 125)
@@ -272,9 +277,7 @@ def test_pyramid_level_chosen_by_mpp_not_index(tmp_path):
     assert mask.shape == (125, 188)
     assert meta["tissue_fraction"] == pytest.approx(np.pi * 600 * 900 / 6e6, rel=0.05)
     # a coarser target picks a coarser level; a finer one reads level 1 and block-averages it
-    meta = compute_tissue_mask(
-        slide, "s", tmp_path / "m2.png", tmp_path / "qc2.png", target_mpp=3.5
-    )
+    meta = make_mask(slide, tmp_path / "m2.png", tmp_path / "qc2.png", "s", target_mpp=3.5)
     assert meta["level"] == 1 and meta["reduce_factor"] == 2
     assert meta["downsample_x"] == pytest.approx(8.0)  # 2 um/px level, x2
     assert read_tissue_mask(tmp_path / "m2.png")[0].shape == (250, 375)
@@ -300,17 +303,19 @@ def test_banded_reduction_equals_one_pass():
 def test_blank_slide_gives_zero_blocks(tmp_path, caplog):
     slide = write_pyramid(tmp_path / "blank.tif", np.full((2000, 3000, 3), 255, np.uint8), 0.5)
     with caplog.at_level(logging.INFO):
-        meta = compute_tissue_mask(slide, "blank", tmp_path / "t.png", tmp_path / "qc" / "t.png")
-        summary = compute_grid(
-            slide, tmp_path / "t.png", tmp_path / "rois.h5", slide_id="blank", n=2, alpha=2
-        )
+        meta = make_mask(slide, tmp_path / "t.png", tmp_path / "qc" / "t.png", "blank")
+        summary = roi_grid(
+            slide, tmp_path / "t.png", tmp_path / "rois.h5", RoiGridParams(n=2, alpha=2),
+            slide_id="blank",
+        )  # fmt: skip
     assert meta["tissue_fraction"] == 0.0
     assert summary["n_blocks"] == 0
-    arrays, attrs = read_rois(tmp_path / "rois.h5", "blank")
-    assert arrays["level0_xy"].shape == (0, 2) and arrays["level0_xy"].dtype == np.int64
-    assert arrays["tissue_fraction"].shape == (0,)
-    assert attrs["grid_shape"] == (21, 32)  # ceil(2000/96), ceil(3000/96)
-    assert "no tissue" in caplog.text
+    grid = read_rois(tmp_path / "rois.h5", "blank")
+    assert grid.level0_xy.shape == (0, 2) and grid.level0_xy.dtype == np.int64
+    assert grid.tissue_fraction.shape == (0,)
+    assert grid.grid_shape == (21, 32)  # ceil(2000/96), ceil(3000/96)
+    assert "no tissue found" in caplog.text  # tissue_mask
+    assert "no tissue in any block" in caplog.text  # roi_grid
     assert (tmp_path / "qc" / "t.png").is_file()
 
 
@@ -328,7 +333,7 @@ def test_read_tissue_mask_errors(tmp_path):
 def test_mask_cli_writes_files_and_reports_errors(tmp_path, capsys):
     rc = main(
         [
-            "mask",
+            "tissue_mask",
             "--slide",
             str(CMU),
             "--slide-id",
@@ -337,17 +342,17 @@ def test_mask_cli_writes_files_and_reports_errors(tmp_path, capsys):
             str(tmp_path / "t.png"),
             "--out-qc",
             str(tmp_path / "qc.png"),
-            "--closing-um",
+            "--closing-diameter-um",
             "30",
         ]
     )
     assert rc == 0
     _, meta = read_tissue_mask(tmp_path / "t.png", "cmu")
-    assert meta["closing_um"] == "30.0" and meta["method"] == "saturation"
-    assert not list(tmp_path.glob("*.tmp"))
+    assert meta["closing_diameter_um"] == "30.0" and meta["method"] == "saturation"
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
     rc = main(
         [
-            "mask",
+            "tissue_mask",
             "--slide",
             str(tmp_path / "nope.svs"),
             "--slide-id",
@@ -411,7 +416,7 @@ def test_demo_generator_slide_with_pen_and_dust(tmp_path):
         od = rng.uniform(0.35, 1.1) * np.array([1.0, 1.05, 1.2])
         plan.artefacts.append(Artefact("dust", xy, od))
     write_pyramid(SlideRenderer(plan), tmp_path / "s.tif")
-    meta = compute_tissue_mask(tmp_path / "s.tif", "pens", tmp_path / "t.png", tmp_path / "q.png")
+    meta = make_mask(tmp_path / "s.tif", tmp_path / "t.png", tmp_path / "q.png", "pens")
     mask, _ = read_tissue_mask(tmp_path / "t.png")
     # planned tissue (coarse signed distance > 0) sampled at the mask pixel centres
     ii, jj = np.indices(mask.shape)
@@ -433,6 +438,6 @@ def test_demo_generator_slide_with_pen_and_dust(tmp_path):
         )
         drawn[rr, cc] = True
     assert drawn.sum() > 1000
-    # none of it is tissue, except where a stroke crosses tissue (closing_um = 50 um ~ 6 px)
+    # none of it is tissue, except where a stroke crosses tissue (closing_diameter_um = 50 um ~ 6 px)
     assert not (mask & drawn & ~ndi.binary_dilation(truth, iterations=6)).any()
     assert not mask[drawn & (sd < -150)].any()

@@ -1,4 +1,4 @@
-"""Training stages: patch-centre samples, the resumable prefetching trainer, hard-negative mining,
+"""Training stages: training patch centres, the resumable prefetching trainer, hard-negative mining,
 and the round DAG.
 
 A small cohort of real OpenSlide-readable TIFFs is written once per module (0.5 um/px, 1280x1024):
@@ -24,19 +24,22 @@ from matplotlib.path import Path as MplPath
 
 from wsiscan import cli
 from wsiscan.annotations import Annotation, write_asap_xml
-from wsiscan.grid import compute_grid
-from wsiscan.model import ScanNet, load_checkpoint, save_checkpoint, to_tensor
-from wsiscan.params import AugmentParams, TrainParams
-from wsiscan.samples import (
-    SampleParams,
+from wsiscan.formats.checkpoint import load_checkpoint, save_checkpoint
+from wsiscan.formats.patches import read_patch_table
+from wsiscan.formats.tissue_mask import read_tissue_mask
+from wsiscan.grid import roi_grid
+from wsiscan.model import ScanNet, to_tensor
+from wsiscan.params import RoiGridParams, TissueMaskParams, TrainPatchesParams, TrainRoundParams
+from wsiscan.patches import (
     TrainSlide,
-    generate_samples,
-    read_sample_table,
+    draw_patches,
     split_validation_slides,
+    train_patches,
+    training_slides,
     water_fill,
 )
 from wsiscan.slide import open_slide
-from wsiscan.tissue import compute_tissue_mask, read_tissue_mask
+from wsiscan.tissue import tissue_mask
 from wsiscan.train import augment_patch, compose_epoch, train_round
 
 from .conftest import REPO, run_snakemake
@@ -111,12 +114,16 @@ def write_slide(path: Path, kind: str, seed: int) -> None:
 
 
 COHORT = {"t1": "tumour", "t2": "tumour", "n1": "mimic", "n2": "normal"}
+SHEET_HEADER = "slide_id\tpath\tannotation\tlabel\tsplit\n"
 
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> dict:
+    """The slides, their masks and ROI grids, and a sample sheet listing them (split train, with
+    absolute paths) as rule train_patches reads it."""
     root = tmp_path_factory.mktemp("cohort")
     slides = {}
+    rows = []
     for seed, (sid, kind) in enumerate(COHORT.items()):
         tif, png, rois = root / f"{sid}.tif", root / sid / "tissue.png", root / sid / "rois.h5"
         write_slide(tif, kind, seed)
@@ -130,33 +137,34 @@ def cohort(tmp_path_factory) -> dict:
                     Annotation("Annotation 1", "_2", square(*HOLE)),
                 ],
             )
-        compute_tissue_mask(tif, sid, png, root / sid / "qc.png")
-        compute_grid(tif, png, rois, slide_id=sid, n=8, alpha=2)
+        tissue_mask(tif, png, root / sid / "qc.png", TissueMaskParams(), slide_id=sid)
+        roi_grid(tif, png, rois, RoiGridParams(n=8, alpha=2), slide_id=sid)
         label = "tumor" if kind == "tumour" else "normal"
         slides[sid] = {"tif": tif, "xml": xml, "mask": png, "rois": rois, "label": label}
-    return {"root": root, "slides": slides}
+        rows.append(f"{sid}\t{tif}\t{xml or ''}\t{label}\ttrain\n")
+    sheet = root / "slides.tsv"
+    sheet.write_text(SHEET_HEADER + "".join(rows))
+    return {"root": root, "slides": slides, "sheet": sheet}
 
 
-def slide_args(cohort: dict) -> list[str]:
-    args = []
-    for sid, s in cohort["slides"].items():
-        args += ["--slide", sid, s["label"], str(s["tif"]), str(s["mask"])]
-        if s["xml"]:
-            args.append(str(s["xml"]))
-    return args
+def mask_args(cohort: dict) -> list[str]:
+    return [str(s["mask"]) for s in cohort["slides"].values()]
 
 
 @pytest.fixture(scope="module")
-def samples(cohort) -> Path:
-    """samples.h5 written through the CLI (as the rule calls it)."""
-    out = cohort["root"] / "train" / "samples.h5"
+def patches(cohort) -> Path:
+    """patches.h5 written through the CLI (as the rule calls it)."""
+    out = cohort["root"] / "train" / "patches.h5"
     rc = cli.main(
         [
-            "train-samples",
-            *slide_args(cohort),
-            "--out",
+            "train_patches",
+            "--sheet",
+            str(cohort["sheet"]),
+            "--masks",
+            *mask_args(cohort),
+            "--out-patches",
             str(out),
-            "--samples",
+            "--n-patches",
             "400",
             "--positive-fraction",
             "0.5",
@@ -176,12 +184,15 @@ def samples(cohort) -> Path:
     return out
 
 
-# -- samples --------------------------------------------------------------------------------------
-def test_samples_fall_where_their_labels_say(cohort, samples):
-    table = read_sample_table(samples)
+# -- patches --------------------------------------------------------------------------------------
+def test_patches_fall_where_their_labels_say(cohort, patches):
+    table = read_patch_table(patches)
     assert table.attrs["Lf"] == 244 and table.attrs["seed"] == 7
+    assert table.attrs["kind"] == "patches" and table.attrs["format"] == "wsiscan-patches/1"
     assert len(table) == 400 and int(table.label.sum()) == 200
     assert table.level0_xy.dtype == np.int64 and table.slide_index.dtype == np.int32
+    assert table.slide_id == list(COHORT)  # the sheet's training slides, in sheet order
+    np.testing.assert_allclose(table.slide_mpp, np.full(len(COHORT), MPP), rtol=1e-6)
     tumour, hole = disc(TUMOUR_C, TUMOUR_R), square(*HOLE)
     margin_px = {"pos": POS_MARGIN_UM / MPP, "neg": NEG_MARGIN_UM / MPP}
     for i, sid in enumerate(table.slide_id):
@@ -212,33 +223,35 @@ def test_samples_fall_where_their_labels_say(cohort, samples):
     assert len({(x // 256, y // 256) for x, y in n1}) >= 8
 
 
-def test_samples_are_deterministic_and_split_by_slide(cohort, samples, tmp_path):
+def test_patches_are_deterministic_and_split_by_slide(cohort, patches, tmp_path):
     slides = [
         TrainSlide(sid, str(s["tif"]), s["label"], str(s["mask"]), s["xml"] and str(s["xml"]))
         for sid, s in cohort["slides"].items()
     ]
-    params = SampleParams(
-        n_samples=400,
+    # the stage finds each training slide's mask by the mask's slide_id, in any order
+    assert training_slides(cohort["sheet"], mask_args(cohort)[::-1]) == slides
+    params = TrainPatchesParams(
+        n_patches=400,
         positive_margin_um=POS_MARGIN_UM,
         negative_margin_um=NEG_MARGIN_UM,
         raster_mpp=2.0,
         val_fraction=0.5,
         seed=7,
     )
-    generate_samples(slides, tmp_path / "a.h5", params)
-    a, b = read_sample_table(tmp_path / "a.h5"), read_sample_table(samples)
+    a, _ = draw_patches(slides, params)
+    b = read_patch_table(patches)
     np.testing.assert_array_equal(a.level0_xy, b.level0_xy)
     np.testing.assert_array_equal(a.label, b.label)
     # one tumour and one normal slide held out
     val = [s for s, v in zip(a.slide_id, a.slide_is_val, strict=True) if v]
     assert sorted(cohort["slides"][s]["label"] for s in val) == ["normal", "tumor"]
-    generate_samples(slides, tmp_path / "c.h5", SampleParams(**{**params.__dict__, "seed": 8}))
-    c = read_sample_table(tmp_path / "c.h5")
+    train_patches(cohort["sheet"], mask_args(cohort), tmp_path / "c.h5", params.replace(seed=8))
+    c = read_patch_table(tmp_path / "c.h5")
     assert not np.array_equal(a.level0_xy, c.level0_xy)
     assert c.attrs["seed"] == 8
 
 
-def test_sample_helpers():
+def test_patch_helpers():
     assert water_fill(10, [100, 1, 100]).tolist() == [4, 1, 5]
     assert water_fill(50, [3, 4, 5]).tolist() == [3, 4, 5]
     assert water_fill(0, [3, 4]).tolist() == [0, 0]
@@ -257,7 +270,7 @@ def test_sample_helpers():
 def test_augmentation_keeps_geometry_and_is_modest():
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (244, 244, 3), dtype=np.uint8)
-    off = AugmentParams(brightness=0, contrast=0, saturation=0, hue=0)
+    off = TrainRoundParams(brightness=0, contrast=0, saturation=0, hue=0)
     seen = set()
     for seed in range(16):
         out = augment_patch(rgb, np.random.default_rng(seed), off)
@@ -265,19 +278,19 @@ def test_augmentation_keeps_geometry_and_is_modest():
         assert sorted(out.ravel().tolist()) == sorted(rgb.ravel().tolist())  # same pixels moved
         seen.add(out.tobytes())
     assert len(seen) >= 5  # flips x rotations
-    jitter = AugmentParams(flips=False, rotate90=False)
+    jitter = TrainRoundParams(flips=False, rotate90=False)
     out = augment_patch(rgb, np.random.default_rng(1), jitter).astype(float)
     assert 0 < np.abs(out - rgb).mean() < 30
 
 
 # -- trainer --------------------------------------------------------------------------------------
-def tiny_params(**kw) -> TrainParams:
+def tiny_params(**kw) -> TrainRoundParams:
     base = dict(
         width=SLIM,
         epochs=2,
-        samples_per_epoch=4,
+        patches_per_epoch=4,
         batch_size=2,
-        val_samples=2,
+        val_patches=2,
         workers=0,
         warmup_steps=1,
         threads=2,
@@ -285,14 +298,14 @@ def tiny_params(**kw) -> TrainParams:
         seed=3,
     )
     base.update(kw)
-    return TrainParams(**base)
+    return TrainRoundParams(**base)
 
 
 class CrashError(RuntimeError):
     pass
 
 
-def test_training_resumes_from_its_checkpoint(samples, tmp_path):
+def test_training_resumes_from_its_checkpoint(patches, tmp_path):
     def paths(name: str) -> dict:
         d = tmp_path / name
         return {
@@ -301,7 +314,7 @@ def test_training_resumes_from_its_checkpoint(samples, tmp_path):
             "out_loss_png": d / "loss.png",
         }
 
-    full = train_round(samples, params=tiny_params(), **paths("full"))
+    full = train_round(patches, params=tiny_params(), round_index=1, **paths("full"))
     assert [e["epoch"] for e in full["epochs"]] == [1, 2] and full["resumed_from_epoch"] is None
     assert all(e["val_loss"] is not None for e in full["epochs"])  # validation slides exist
 
@@ -314,7 +327,7 @@ def test_training_resumes_from_its_checkpoint(samples, tmp_path):
 
     p = paths("crash")
     with pytest.raises(CrashError):
-        train_round(samples, params=tiny_params(), on_epoch_end=crash_after_one, **p)
+        train_round(patches, params=tiny_params(), round_index=1, on_epoch_end=crash_after_one, **p)
     ckpt = p["out_model"].with_name("checkpoint.pt")
     assert ckpt.is_file() and not p["out_model"].exists()
     state = torch.load(ckpt, weights_only=True)
@@ -323,7 +336,9 @@ def test_training_resumes_from_its_checkpoint(samples, tmp_path):
     stale.write_bytes(ckpt.read_bytes())
 
     calls.clear()
-    resumed = train_round(samples, params=tiny_params(), on_epoch_end=crash_after_one, **p)
+    resumed = train_round(
+        patches, params=tiny_params(), round_index=1, on_epoch_end=crash_after_one, **p
+    )
     assert calls == [2], "the resumed run must train only the missing epoch"
     assert resumed["resumed_from_epoch"] == 1
     assert [e["epoch"] for e in resumed["epochs"]] == [1, 2]
@@ -342,25 +357,27 @@ def test_training_resumes_from_its_checkpoint(samples, tmp_path):
     ckpt.write_bytes(stale.read_bytes())
     calls.clear()
     fresh = train_round(
-        samples,
+        patches,
         params=tiny_params(lr=5e-4, epochs=1),
+        round_index=1,
         on_epoch_end=lambda e, r: calls.append(e),
         **p,
     )
     assert calls == [1] and fresh["resumed_from_epoch"] is None
 
 
-def test_loader_workers_give_the_same_training(samples, tmp_path):
+def test_loader_workers_give_the_same_training(patches, tmp_path):
     """Producer processes change the speed, not the result (augmentation seeded per sample)."""
     out = {}
     for workers in (0, 2):
         d = tmp_path / f"w{workers}"
         out[workers] = train_round(
-            samples,
+            patches,
             d / "model.pt",
             d / "metrics.json",
             d / "loss.png",
             tiny_params(epochs=1, workers=workers),
+            round_index=1,
         )
     assert out[0]["epochs"][0]["loss"] == pytest.approx(out[2]["epochs"][0]["loss"], abs=1e-6)
     assert out[2]["workers"] == 2
@@ -390,16 +407,17 @@ def purple_detector(path: Path) -> ScanNet:
     return model
 
 
-def test_mining_finds_the_planted_mimic(cohort, samples, tmp_path):
+def test_mining_finds_the_planted_mimic(cohort, patches, tmp_path):
     model = purple_detector(tmp_path / "model.pt")
     out = tmp_path / "hard_negatives.h5"
     rois = [str(s["rois"]) for s in cohort["slides"].values()]
-    args = ["mine-negatives", "--round", "1", "--samples", str(samples), "--model"]
-    args += [str(tmp_path / "model.pt"), "--rois", *rois, "--out", str(out), "--threshold", "0.5"]
+    args = ["mine_negatives", "--round-index", "1", "--patches", str(patches), "--model"]
+    args += [str(tmp_path / "model.pt"), "--rois", *rois, "--out-hard-negatives", str(out)]
+    args += ["--threshold", "0.5"]
     args += ["--margin-um", "75", "--max-per-slide", "40", "--max-per-round", "1000"]
     args += ["--workers", "0", "--device", "cpu", "--raster-mpp", "2"]
     assert cli.main(args) == 0
-    hard = read_sample_table(out)
+    hard = read_patch_table(out)
     summary = json.loads(hard.attrs["summary_json"])
     by_slide = {r["slide_id"]: r for r in summary["slides"]}
     # the planted mimic fires; the annotated tumour (same texture) is excluded by the margin
@@ -407,29 +425,30 @@ def test_mining_finds_the_planted_mimic(cohort, samples, tmp_path):
     for sid in ("t1", "t2", "n2"):
         assert by_slide[sid]["false_positive_cells"] == 0, sid
     assert len(hard) == 40 and (hard.label == 0).all()
-    assert hard.slide_id == read_sample_table(samples).slide_id  # same slide table
+    assert hard.slide_id == read_patch_table(patches).slide_id  # same slide table
     xy = hard.level0_xy
     # every hard negative's patch reaches into the mimic (receptive field half-side 122 px)
     d = np.hypot(xy[:, 0] - MIMIC_C[0], xy[:, 1] - MIMIC_C[1])
     assert (d < MIMIC_R + 122).all() and (d < MIMIC_R).mean() > 0.5
     # the stored centre is the centre of the patch the dense map scored: re-classify it directly
     with open_slide(cohort["slides"]["n1"]["tif"]) as slide:
-        patches = np.stack([slide.read_rgb((x - 122, y - 122), 0, (244, 244)) for x, y in xy])
+        crops = np.stack([slide.read_rgb((x - 122, y - 122), 0, (244, 244)) for x, y in xy])
     with torch.inference_mode():
-        prob = torch.softmax(model(to_tensor(patches)), 1)[:, 1, 0, 0].numpy()
+        prob = torch.softmax(model(to_tensor(crops)), 1)[:, 1, 0, 0].numpy()
     np.testing.assert_allclose(prob, hard.probability, atol=1e-4)
     assert (prob > 0.5).all()
 
-    # round 2 fine-tunes from the round-1 model on the base samples plus these hard negatives
+    # round 2 fine-tunes from the round-1 model on the base patches plus these hard negatives
     d = tmp_path / "round2"
     metrics = train_round(
-        samples,
+        patches,
         d / "model.pt",
         d / "metrics.json",
         d / "loss.png",
-        tiny_params(round_index=2, epochs=1, hard_negative_fraction=0.5),
+        tiny_params(epochs=1, hard_negative_fraction=0.5),
+        round_index=2,
         hard_negatives=[out],
-        init_checkpoint=tmp_path / "model.pt",
+        init_model=tmp_path / "model.pt",
     )
     n1_is_val = bool(hard.slide_is_val[hard.slide_id.index("n1")])
     assert metrics["n_train_hard_negative"] == (0 if n1_is_val else 40)
@@ -438,18 +457,19 @@ def test_mining_finds_the_planted_mimic(cohort, samples, tmp_path):
 
 
 def test_mining_block_subset(cohort, tmp_path):
-    from wsiscan.grid import read_rois
+    from wsiscan.formats.rois import read_rois, write_rois
     from wsiscan.mining import block_subset
 
-    rois = cohort["slides"]["n1"]["rois"]
-    assert block_subset(rois, tmp_path / "x.h5", 1.0, np.random.default_rng(0)) == rois
-    full, attrs = read_rois(rois)
-    sub = block_subset(rois, tmp_path / "half.h5", 0.5, np.random.default_rng(0))
-    part, sub_attrs = read_rois(sub, "n1")
-    n = len(full["grid_xy"])
-    assert len(part["grid_xy"]) == round(n / 2)
-    assert {tuple(g) for g in part["grid_xy"]} <= {tuple(g) for g in full["grid_xy"]}
-    assert sub_attrs["geometry_checksum"] == attrs["geometry_checksum"]
+    full = read_rois(cohort["slides"]["n1"]["rois"])
+    assert block_subset(full, 1.0, np.random.default_rng(0)) is full
+    sub = block_subset(full, 0.5, np.random.default_rng(0))
+    # the subset is a valid ROI grid of the same slide: it passes the reader's checks
+    write_rois(tmp_path / "half.h5", sub)
+    part = read_rois(tmp_path / "half.h5", "n1")
+    n = full.n_blocks
+    assert part.n_blocks == round(n / 2)
+    assert {tuple(g) for g in part.grid_xy} <= {tuple(g) for g in full.grid_xy}
+    assert part.attrs()["geometry_checksum"] == full.attrs()["geometry_checksum"]
 
 
 # -- DAG ------------------------------------------------------------------------------------------
@@ -500,9 +520,9 @@ def test_round_dag(tmp_path):
     deps = defaultdict(set)
     for (rule, k), job in three.items():
         deps[(rule, k)] = set(job["input"].split(", "))
-    assert deps[("train_round", 1)] == {"results/train/samples.h5"}
+    assert deps[("train_round", 1)] == {"results/train/patches.h5"}
     for k in (2, 3):
-        expected = {"results/train/samples.h5", f"results/train/round{k - 1}/model.pt"}
+        expected = {"results/train/patches.h5", f"results/train/round{k - 1}/model.pt"}
         expected |= {f"results/train/round{j}/hard_negatives.h5" for j in range(1, k)}
         assert deps[("train_round", k)] == expected
     for k in (1, 2):
@@ -551,12 +571,12 @@ def tiny_training_config(workdir: Path, rounds: int) -> None:
     cfg["model"]["width"] = SLIM
     cfg["train"].update(
         rounds=rounds,
-        samples=120,
+        n_patches=120,
         epochs=1,
         finetune_epochs=1,
-        samples_per_epoch=8,
+        patches_per_epoch=8,
         batch_size=4,
-        val_samples=4,
+        val_patches=4,
         val_fraction=0.0,
         workers=1,
         device="cpu",
@@ -587,10 +607,11 @@ def test_rounds_run_and_raising_rounds_reruns_only_new_stages(tmp_path):
     assert counts["train_round"] == 2 and counts["mine_negatives"] == 1, counts
     round2 = json.loads((tmp_path / "results/train/round2/metrics.json").read_text())
     assert round2["init"].startswith("finetune:") and round2["n_train_hard_negative"] == 20
-    hard = read_sample_table(tmp_path / "results/train/round1/hard_negatives.h5")
+    hard = read_patch_table(tmp_path / "results/train/round1/hard_negatives.h5")
     assert len(hard) == 20 and hard.attrs["round"] == 1
-    for rel in ("logs/train_round/round1.log", "logs/mine_negatives/round1.log"):
-        assert (tmp_path / "results" / rel).stat().st_size > 0
+    logs = ("train_patches/patches.log", "train_round/round1.log", "mine_negatives/round1.log")
+    for rel in logs:
+        assert (tmp_path / "results" / "logs" / rel).stat().st_size > 0
     assert not (tmp_path / "results/train/round1/checkpoint.pt").exists()
 
     # rounds 2 -> 3: only round 2's mining and round 3 are new; earlier rounds stay up to date

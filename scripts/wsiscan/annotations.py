@@ -24,7 +24,7 @@ import numpy as np
 from skimage.draw import polygon as draw_polygon
 
 from .errors import SlideError
-from .faults import atomic_file
+from .fileio import write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -124,12 +124,6 @@ def read_asap_xml(path: str | Path, slide_id: str | None = None) -> list[Annotat
     return annotations
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``<path>.tmp`` and rename it over ``path`` (no ``.tmp`` left on error)."""
-    with atomic_file(path) as tmp:
-        tmp.write_bytes(data)
-
-
 def write_asap_xml(
     path: str | Path, annotations: Sequence[Annotation], comment: str | None = None
 ) -> None:
@@ -165,7 +159,7 @@ def write_asap_xml(
         ET.SubElement(group, "Attributes")
     ET.indent(root, space="\t")
     data = ET.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n"
-    _atomic_write_bytes(Path(path), data)
+    write_bytes(path, data)
 
 
 # -- groups and rasters --------------------------------------------------------------------------
@@ -297,4 +291,4 @@ def write_geojson(
     doc: dict = {"type": "FeatureCollection", "features": features}
     if metadata:
         doc["wsiscan"] = metadata
-    _atomic_write_bytes(Path(path), json.dumps(doc, indent=1).encode("utf-8") + b"\n")
+    write_bytes(path, json.dumps(doc, indent=1).encode("utf-8") + b"\n")

@@ -1,21 +1,186 @@
-"""Config and sample-sheet validation: JSON schemas (via snakemake.utils.validate) plus the checks a
-schema cannot express (files exist, IDs unique). Every error names the config key or the sheet row."""
+"""The config file and the sample sheet: schema, validation, reference page, checksum.
+
+The config schema (``workflow/schemas/config.schema.yaml``) and the config reference
+(``config/README.md``) are generated from :data:`wsiscan.params.SETTINGS` by ``wsiscan
+config-docs`` and checked by the tests to be current; edit the settings table, never these files.
+
+Validation (:func:`validate_config`) runs the schema through ``snakemake.utils.validate`` (which
+fills in the defaults), then checks every value against its setting (finite numbers, limits) and
+what a schema cannot express (the ROI side). The sample sheet (:func:`load_samples`) is checked
+against ``samples.schema.yaml`` plus unique IDs and existing files. Every error names the config
+key or the sheet line.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from .errors import ConfigError
+from .params import RENAMED, SECTIONS, SETTINGS, STAGE_PARAMS, WIRING, Setting, config_value
 
-SCHEMA_DIR = Path(__file__).resolve().parents[2] / "workflow" / "schemas"
+REPO_DIR = Path(__file__).resolve().parents[2]
+SCHEMA_DIR = REPO_DIR / "workflow" / "schemas"
+CONFIG_SCHEMA = SCHEMA_DIR / "config.schema.yaml"
+CONFIG_REFERENCE = REPO_DIR / "config" / "README.md"
 SHEET_COLUMNS = ["slide_id", "path", "annotation", "label", "split"]
 DEMO_DIR = "data/demo"
+GENERATED = "Generated from wsiscan.params.SETTINGS by `wsiscan config-docs`: do not edit."
 
 
+# -- the schema ------------------------------------------------------------------------------------
+_JSON_TYPES = {int: "integer", float: "number", bool: "boolean", str: "string"}
+
+
+def setting_schema(spec: Setting) -> dict[str, Any]:
+    """The JSON schema of one setting (type, limits, default, description)."""
+    node: dict[str, Any] = {}
+    if spec.kind in (list, tuple):
+        node["type"] = "array"
+        node["items"] = _limits({"type": _JSON_TYPES[spec.item or str]}, spec)
+        if spec.length is not None:
+            node["minItems"] = node["maxItems"] = spec.length
+    else:
+        node = _limits({"type": _JSON_TYPES[spec.kind]}, spec)
+        if spec.choices is not None:
+            node = {"enum": list(spec.choices)}
+    if spec.nullable:
+        if "enum" in node:
+            node["enum"].append(None)
+        else:
+            node["type"] = [node["type"], "null"]
+    if not spec.required:
+        node["default"] = list(spec.default) if isinstance(spec.default, tuple) else spec.default
+    node["description"] = spec.description
+    return node
+
+
+def _limits(node: dict[str, Any], spec: Setting) -> dict[str, Any]:
+    if spec.minimum is not None:
+        open_low = spec.exclusive in ("min", "both")
+        node["exclusiveMinimum" if open_low else "minimum"] = spec.minimum
+    if spec.maximum is not None:
+        open_high = spec.exclusive in ("max", "both")
+        node["exclusiveMaximum" if open_high else "maximum"] = spec.maximum
+    if spec.pattern is not None:
+        node["pattern"] = spec.pattern
+    return node
+
+
+def config_schema() -> dict[str, Any]:
+    """The JSON schema of the config file, built from :data:`SETTINGS`."""
+    root: dict[str, Any] = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "description": SECTIONS[""],
+        "type": "object",
+        "additionalProperties": False,
+        "required": [s.key for s in SETTINGS.values() if s.required],
+        "properties": {},
+    }
+    for spec in SETTINGS.values():
+        node = root
+        path = ""
+        for part in spec.section.split(".") if spec.section else ():
+            path = f"{path}.{part}" if path else part
+            node = node["properties"].setdefault(
+                part,
+                {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "default": {},
+                    "description": SECTIONS[path],
+                    "properties": {},
+                },
+            )
+        node["properties"][spec.name] = setting_schema(spec)
+    return root
+
+
+def schema_text() -> str:
+    """``config.schema.yaml`` as written by ``wsiscan config-docs``."""
+    import yaml
+
+    body = yaml.safe_dump(config_schema(), sort_keys=False, width=100, allow_unicode=True)
+    return f"# {GENERATED}\n{body}"
+
+
+# -- the reference page ----------------------------------------------------------------------------
+def readers(key: str) -> str:
+    """Which stages read ``key`` (or what the workflow does with it), for the reference page."""
+    stages = [
+        s for s, cls in STAGE_PARAMS.items() if any(v.key == key for v in cls.settings().values())
+    ]
+    if SETTINGS[key].runtime:
+        return ", ".join(f"`{s}`" for s in stages) + " (run-time: never re-runs)"
+    if stages:
+        return ", ".join(f"`{s}`" for s in stages)
+    return WIRING[key]
+
+
+def _value(value: Any) -> str:
+    if value is None:
+        return "`null`"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, tuple):
+        return "`[" + ", ".join(str(v) for v in value) + "]`"
+    return f"`{value}`"
+
+
+def reference_text() -> str:
+    """``config/README.md``: every config key with its default, meaning and the stages that read it."""
+    lines = [
+        "# Configuration reference",
+        "",
+        f"<!-- {GENERATED} -->",
+        "",
+        "Every key of `config/config.yaml`, with its default (what a config that leaves the key",
+        "out gets), its meaning and unit, and the stages that read it. The config is validated",
+        "against `workflow/schemas/config.schema.yaml` before any job runs; an error names the",
+        "key. Editing a key re-runs the stages that read it and what depends on them; run-time",
+        "keys (workers, threads, batch sizes of inference, devices) change no output and never",
+        "re-run a job. `config/config.yaml` is the embedded demo; `config/camelyon16.yaml` is a",
+        "starting point for Camelyon16.",
+        "",
+    ]
+    sections: dict[str, list[Setting]] = {}
+    for spec in SETTINGS.values():
+        sections.setdefault(spec.section, []).append(spec)
+    for section, specs in sections.items():
+        title = f"`{section}`" if section else "Top level"
+        lines += [f"## {title}", "", SECTIONS[section][0].upper() + SECTIONS[section][1:] + ".", ""]
+        lines += ["| key | default | meaning | read by |", "|---|---|---|---|"]
+        for spec in specs:
+            default = "(required)" if spec.required else _value(spec.default)
+            meaning = spec.help + (f" ({spec.unit})" if spec.unit else "")
+            lines.append(f"| `{spec.name}` | {default} | {meaning} | {readers(spec.key)} |")
+        lines.append("")
+    renamed = ", ".join(f"`{old}` → `{new}`" for old, new in RENAMED.items())
+    lines += [
+        "Keys renamed since version 0.1 (an old config names them in its error):",
+        renamed,
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def config_docs(check: bool = False) -> list[Path]:
+    """Write the schema and the reference page (``check``: only compare); the stale files."""
+    stale = []
+    for path, text in ((CONFIG_SCHEMA, schema_text()), (CONFIG_REFERENCE, reference_text())):
+        if not path.is_file() or path.read_text() != text:
+            stale.append(path)
+            if not check:
+                from .fileio import write_text
+
+                write_text(path, text)
+    return stale
+
+
+# -- validation ------------------------------------------------------------------------------------
 def _schema(name: str, schema_dir: Path | None) -> str:
     return str((schema_dir or SCHEMA_DIR) / name)
 
@@ -43,14 +208,30 @@ def _describe(err) -> str:
     return f"{key}: {err.message}" if key else err.message
 
 
+def _renamed_keys(config: Mapping[str, Any]) -> list[str]:
+    found = []
+    for old, new in RENAMED.items():
+        node: Any = config
+        for part in old.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if node is not None:
+            found.append(f"{old} is now {new}")
+    return found
+
+
 def validate_config(config: dict, schema_dir: Path | None = None) -> dict:
-    """Validate ``config`` against ``config.schema.yaml`` in place (defaults filled in).
+    """Validate ``config`` in place (defaults filled in); returns it.
 
     Raises :class:`ConfigError` naming the offending key.
     """
     from snakemake.utils import validate
 
-    raw_scan = config.get("scan") if isinstance(config, dict) else None
+    if not isinstance(config, dict):
+        raise ConfigError(f"invalid config: expected a mapping of sections, got {type(config)}")
+    renamed = _renamed_keys(config)
+    if renamed:
+        raise ConfigError(f"invalid config: renamed key(s): {'; '.join(renamed)}")
+    raw_scan = config.get("scan")
     n_given = isinstance(raw_scan, dict) and raw_scan.get("n") is not None
     try:
         validate(config, _schema("config.schema.yaml", schema_dir))
@@ -59,6 +240,11 @@ def validate_config(config: dict, schema_dir: Path | None = None) -> dict:
         if err is None:
             raise
         raise ConfigError(f"invalid config: {_describe(err)}")
+    for key, spec in SETTINGS.items():
+        try:
+            spec.check(config_value(config, key))
+        except ValueError as exc:
+            raise ConfigError(f"invalid config: {key}: {exc}") from None
     _resolve_scan_geometry(config["scan"], n_given)
     return config
 
@@ -89,7 +275,16 @@ def _resolve_scan_geometry(scan: dict, n_given: bool) -> None:
         raise ConfigError(f"invalid config: scan: {exc}")
 
 
-def is_demo_slide(row: dict) -> bool:
+def config_checksum(config: Mapping[str, Any]) -> str:
+    """Short SHA-256 of the config's result settings (run-time settings left out): provenance."""
+    from .fileio import sha256_json
+
+    values = {k: config_value(config, k) for k, s in SETTINGS.items() if not s.runtime}
+    return sha256_json(values, 16)
+
+
+# -- the sample sheet ------------------------------------------------------------------------------
+def is_demo_slide(row: Mapping[str, str]) -> bool:
     """True when the row's slide is one the workflow itself writes (rule ``synth_slide``)."""
     sid = row["slide_id"]
     return row["path"] == f"{DEMO_DIR}/{sid}.tif" and row["annotation"] in (
@@ -99,12 +294,16 @@ def is_demo_slide(row: dict) -> bool:
 
 
 def load_samples(
-    sheet_path: str | Path, schema_dir: Path | None = None, base_dir: str | Path = "."
+    sheet_path: str | Path,
+    schema_dir: Path | None = None,
+    base_dir: str | Path = ".",
+    check_files: bool = True,
 ) -> pd.DataFrame:
     """Read and validate the sample sheet; returns it indexed by ``slide_id`` (all columns str).
 
-    Checks: exact columns, each row against ``samples.schema.yaml``, unique IDs, files exist (except
-    demo slides, which the workflow writes). Raises :class:`ConfigError` naming the row.
+    Checks: exact columns, each row against ``samples.schema.yaml``, unique IDs, tumour rows with
+    an annotation and (``check_files``) existing files, except demo slides, which the workflow
+    writes. Paths are relative to ``base_dir``. Raises :class:`ConfigError` naming the row.
     """
     from snakemake.utils import validate
 
@@ -113,7 +312,7 @@ def load_samples(
         raise ConfigError(f"samples: sample sheet {str(sheet_path)!r} not found")
     try:
         df = pd.read_csv(sheet_path, sep="\t", dtype=str, keep_default_na=False, comment="#")
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{sheet_path}: not a readable TSV: {exc}")
     missing = [c for c in SHEET_COLUMNS if c not in df.columns]
     extra = [c for c in df.columns if c not in SHEET_COLUMNS]
@@ -143,21 +342,15 @@ def load_samples(
                 if err is None:
                     raise
                 raise ConfigError(f"{where}: {_describe(err)}")
-        if is_demo_slide(row):
+        if row["label"] == "tumor" and not row["annotation"]:
+            raise ConfigError(f"{where}: label is tumor but no annotation is given")
+        if not check_files or is_demo_slide(row):
             continue
         for col in ("path", "annotation"):
             if row[col] and not (base / row[col]).is_file():
                 raise ConfigError(f"{where}: {col} file {row[col]!r} not found")
-        if row["label"] == "tumor" and not row["annotation"]:
-            raise ConfigError(f"{where}: label is tumor but no annotation is given")
     dups = df["slide_id"][df["slide_id"].duplicated()].unique().tolist()
     if dups:
         lines = [str(i + 2) for i in df.index[df["slide_id"].isin(dups)]]
         raise ConfigError(f"{sheet_path}: duplicate slide_id {dups} on lines {', '.join(lines)}")
     return df.set_index("slide_id", drop=False)
-
-
-def config_checksum(config: dict) -> str:
-    """Short SHA-256 of the validated config (sorted JSON), recorded in outputs for provenance."""
-    blob = json.dumps(config, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]

@@ -19,132 +19,23 @@ Region exports (QuPath GeoJSON and ASAP XML) outline the components of the clean
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__
-from .errors import SlideError
-from .faults import atomic_file, h5_attrs, quarantine
+from .formats.lesions import write_lesions_csv, write_score_json
+from .formats.probmap import ProbMap, read_probmap
+from .params import DetectParams
 
 log = logging.getLogger(__name__)
 
-METHODS = ("nms", "components")
 SCORE_METHODS = ("max",)
 #: ASAP group of exported detections: "_0" is the Camelyon16 tumour group, so ASAP shows the
 #: regions with the usual tumour styling and an edited file can be fed back as ground truth.
 ASAP_DETECTION_GROUP = "_0"
-
-
-# -- atomic outputs --------------------------------------------------------------------------------
-@contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
-    """Yield ``<path>.tmp`` to write to; on success move it onto ``path`` (``os.replace``).
-
-    On an exception the temporary file is removed and ``path`` is left untouched; a write error
-    is raised as :class:`wsiscan.faults.OutputWriteError` naming ``path``.
-    """
-    with atomic_file(path) as tmp:
-        yield tmp
-
-
-def write_json(path: str | Path, obj: object) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
-
-
-# -- the probability map ---------------------------------------------------------------------------
-PROBMAP_ATTRS = ("stride_px", "mpp", "slide_width", "slide_height")
-
-
-@dataclass
-class ProbMap:
-    """A slide's probability map and the attributes a later stage needs (level-0 units)."""
-
-    prob: np.ndarray  # float32 (H, W)
-    mask: np.ndarray | None  # bool (H, W): the stitch stage's thresholded + cleaned lesion mask
-    stride_px: float
-    mpp: float
-    slide_width: int
-    slide_height: int
-    slide_id: str | None = None
-    model_checksum: str | None = None
-    wsiscan_version: str | None = None
-    mask_threshold: float | None = None
-    attrs: dict = field(default_factory=dict)
-
-
-def read_probmap_attrs(path: str | Path, slide_id: str | None = None) -> dict:
-    """The attributes of ``probmap.h5`` as plain values; checks the required ones and the ID.
-
-    Raises :class:`SlideError` when the file is missing or unreadable, an attribute is missing,
-    or the file belongs to another slide.
-    """
-    import h5py
-
-    path = Path(path)
-    if not path.is_file():
-        raise SlideError(slide_id, path, "probability map not found")
-    try:
-        with h5py.File(path, "r") as f:
-            attrs = h5_attrs(f)
-    except (OSError, KeyError, RuntimeError) as exc:
-        raise quarantine(path, slide_id, "probability map is not a readable HDF5 file", exc)
-    _check_attrs(attrs, path, slide_id)
-    return attrs
-
-
-def _check_attrs(attrs: dict, path: Path, slide_id: str | None) -> None:
-    missing = [k for k in PROBMAP_ATTRS if k not in attrs]
-    if missing:
-        raise SlideError(slide_id, path, f"probability map lacks attributes {missing}")
-    if not (float(attrs["stride_px"]) > 0 and float(attrs["mpp"]) > 0):
-        raise SlideError(
-            slide_id, path, f"bad stride_px {attrs['stride_px']} or mpp {attrs['mpp']}"
-        )
-    if slide_id and attrs.get("slide_id") and attrs["slide_id"] != slide_id:
-        raise SlideError(slide_id, path, f"probability map belongs to slide {attrs['slide_id']!r}")
-
-
-def read_probmap(path: str | Path, slide_id: str | None = None) -> ProbMap:
-    """Read ``prob`` (and ``mask`` when present) with their attributes from ``probmap.h5``."""
-    import h5py
-
-    path = Path(path)
-    attrs = read_probmap_attrs(path, slide_id)
-    try:
-        with h5py.File(path, "r") as f:
-            if "prob" not in f:
-                raise SlideError(slide_id, path, "probability map has no 'prob' dataset")
-            prob = np.asarray(f["prob"][...], dtype=np.float32)
-            mask = np.asarray(f["mask"][...]).astype(bool) if "mask" in f else None
-    except (OSError, KeyError, RuntimeError) as exc:
-        raise quarantine(path, slide_id, "probability map has unreadable data", exc)
-    if prob.ndim != 2 or (mask is not None and mask.shape != prob.shape):
-        shapes = f"prob {prob.shape}" + (f", mask {mask.shape}" if mask is not None else "")
-        raise SlideError(slide_id, path, f"bad map shapes: {shapes}")
-    if not np.all(np.isfinite(prob)):
-        raise SlideError(slide_id, path, "probability map holds NaN or infinite values")
-    threshold = attrs.get("threshold")
-    return ProbMap(
-        prob=prob,
-        mask=mask,
-        stride_px=float(attrs["stride_px"]),
-        mpp=float(attrs["mpp"]),
-        slide_width=int(attrs["slide_width"]),
-        slide_height=int(attrs["slide_height"]),
-        slide_id=attrs.get("slide_id"),
-        model_checksum=attrs.get("model_checksum"),
-        wsiscan_version=attrs.get("wsiscan_version"),
-        mask_threshold=float(threshold) if threshold is not None else None,
-        attrs=attrs,
-    )
 
 
 # -- lesion points ---------------------------------------------------------------------------------
@@ -440,77 +331,82 @@ def write_region_exports(
 
 
 # -- the stage -------------------------------------------------------------------------------------
-def format_confidence(value: float) -> str:
-    """Shortest decimal that reads back as ``value``; for a float32 map value, the shortest one
-    that reads back as that float32 (``0.7`` rather than ``0.699999988``). Order is preserved."""
-    f32 = np.float32(value)
-    return str(f32) if float(f32) == float(value) else repr(float(value))
-
-
-def write_lesions_csv(path: str | Path, points: np.ndarray, *, header: bool = True) -> None:
-    """Write ``(K, 3) [confidence, x, y]`` as CSV (``confidence,x,y``; x, y int), atomically.
-
-    ``header=False`` gives a Camelyon16 submission file.
-    """
-    points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
-    lines = ["confidence,x,y"] if header else []
-    lines += [f"{format_confidence(c)},{int(x)},{int(y)}" for c, x, y in points]
-    with atomic_output(path) as tmp:
-        tmp.write_text("".join(line + "\n" for line in lines))
-
-
-def detect_slide(
-    probmap_h5: str | Path,
-    out_csv: str | Path,
-    out_score_json: str | Path,
+def detect(
+    probmap: str | Path,
+    out_lesions: str | Path,
+    out_score: str | Path,
     out_geojson: str | Path,
     out_xml: str | Path,
+    params: DetectParams,
     *,
     slide_id: str,
-    method: str = "nms",
-    threshold: float = 0.5,
-    radius_um: float = 200.0,
-    min_area_um2: float = 0.0,
-    score: str = "max",
 ) -> dict:
     """Stage ``detect``: lesion points, slide score and region exports of one slide.
 
-    ``method`` ``nms`` (:func:`nms_points` with ``threshold`` and ``radius_um``) or ``components``
-    (:func:`component_points` on the map's cleaned ``mask``, or ``prob >= threshold`` when the
-    file has none; components below ``min_area_um2`` dropped). Region exports outline the same
-    mask's components of at least ``min_area_um2``. Writes ``out_csv`` (``confidence,x,y``, level-0
-    int px, confidence descending), ``out_score_json`` and the GeoJSON / ASAP XML; returns the
-    score record.
+    ``params.method`` ``nms`` (:func:`nms_points` with ``threshold`` and ``nms_radius_um``) or
+    ``components`` (:func:`component_points` on the map's cleaned ``mask``, or ``prob >=
+    threshold`` when the file has none; components below ``min_area_um2`` dropped). Region
+    exports outline the same mask's components of at least ``min_area_um2``. Writes
+    ``lesions.csv`` (``confidence,x,y``, level-0 int px, confidence descending), ``score.json``
+    and the GeoJSON / ASAP XML; returns the score record.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    pm = read_probmap(probmap_h5, slide_id)
+    pm = read_probmap(probmap, slide_id)
+    points = lesion_points(pm, params)
+    mask = pm.mask if pm.mask is not None else pm.prob >= params.threshold
+    regions = mask_regions(pm.prob, mask, pm.stride_px, pm.mpp, min_area_um2=params.min_area_um2)
+    record = score_record(slide_id, pm, params, len(points), len(regions))
+    write_lesions_csv(out_lesions, points)
+    provenance_keys = (
+        "slide_id", "model_checksum", "wsiscan_version", "method", "threshold", "nms_radius_um",
+        "min_area_um2", "mask_threshold", "stride_px", "mpp",
+    )  # fmt: skip
+    write_region_exports(
+        regions, out_geojson, out_xml, provenance={k: record[k] for k in provenance_keys}
+    )
+    write_score_json(out_score, record)
+    log.info(
+        "slide %s: score %.4f, %d lesion points (%s), %d regions",
+        slide_id,
+        record["score"],
+        record["n_lesions"],
+        params.method,
+        len(regions),
+    )
+    return record
+
+
+def lesion_points(pm: ProbMap, params: DetectParams) -> np.ndarray:
+    """``(K, 3) [confidence, x, y]`` (level-0 px) of the map by ``params.method``."""
     slide_wh = (pm.slide_width, pm.slide_height)
-    mask = pm.mask if pm.mask is not None else pm.prob >= threshold
-    if method == "nms":
-        points = nms_points(
+    if params.method == "nms":
+        return nms_points(
             pm.prob,
             pm.stride_px,
             pm.mpp,
-            threshold=threshold,
-            radius_um=radius_um,
+            threshold=params.threshold,
+            radius_um=params.nms_radius_um,
             slide_wh=slide_wh,
         )
-    else:
-        points = component_points(
-            pm.prob, mask, pm.stride_px, mpp=pm.mpp, min_area_um2=min_area_um2, slide_wh=slide_wh
-        )
-    regions = mask_regions(pm.prob, mask, pm.stride_px, pm.mpp, min_area_um2=min_area_um2)
-    record = {
+    mask = pm.mask if pm.mask is not None else pm.prob >= params.threshold
+    return component_points(
+        pm.prob, mask, pm.stride_px, mpp=pm.mpp, min_area_um2=params.min_area_um2, slide_wh=slide_wh
+    )
+
+
+def score_record(
+    slide_id: str, pm: ProbMap, params: DetectParams, n_points: int, n_regions: int
+) -> dict:
+    """The content of ``score.json``: the score and how it and the points were made."""
+    return {
         "slide_id": slide_id,
-        "score": slide_score(pm.prob, score),
-        "score_method": score,
-        "n_lesions": int(len(points)),
-        "n_regions": len(regions),
-        "method": method,
-        "threshold": float(threshold),
-        "nms_radius_um": float(radius_um),
-        "min_area_um2": float(min_area_um2),
+        "score": slide_score(pm.prob, SCORE_METHODS[0]),
+        "score_method": SCORE_METHODS[0],
+        "n_lesions": int(n_points),
+        "n_regions": int(n_regions),
+        "method": params.method,
+        "threshold": float(params.threshold),
+        "nms_radius_um": float(params.nms_radius_um),
+        "min_area_um2": float(params.min_area_um2),
         "mask_threshold": pm.mask_threshold,
         "stride_px": pm.stride_px,
         "mpp": pm.mpp,
@@ -519,21 +415,3 @@ def detect_slide(
         "model_checksum": pm.model_checksum,
         "wsiscan_version": __version__,
     }
-    write_lesions_csv(out_csv, points)
-    provenance_keys = (
-        "slide_id", "model_checksum", "wsiscan_version", "method", "threshold", "nms_radius_um",
-        "min_area_um2", "mask_threshold", "stride_px", "mpp",
-    )  # fmt: skip
-    write_region_exports(
-        regions, out_geojson, out_xml, provenance={k: record[k] for k in provenance_keys}
-    )
-    write_json(out_score_json, record)
-    log.info(
-        "slide %s: score %.4f, %d lesion points (%s), %d regions",
-        slide_id,
-        record["score"],
-        record["n_lesions"],
-        method,
-        len(regions),
-    )
-    return record

@@ -28,3 +28,12 @@ class ConfigError(WsiscanError):
 
 class SlideIdError(ConfigError, ValueError):
     """A slide ID outside ``[A-Za-z0-9._-]+`` (or ``.``/``..``): it would escape ``results/``."""
+
+
+class CheckpointError(WsiscanError):
+    """A model checkpoint (or an ImageNet weight file) cannot be used; names the file and cause."""
+
+    def __init__(self, path: str | Path, cause: str) -> None:
+        self.path = str(path)
+        self.cause = cause
+        super().__init__(f"model file {self.path}: {cause}")

@@ -40,23 +40,24 @@ point at or below each FP rate).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-import shutil
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from . import __version__
-from .detect import atomic_output, read_probmap_attrs, write_json, write_lesions_csv
 from .errors import ConfigError, SlideError
 from .faults import describe_failure, failed_slides, failure_record_path, read_failure_record
+from .fileio import atomic_dir, atomic_write, sha256_file, write_json
+from .formats.lesions import read_lesions_csv, read_score_json, write_lesions_csv
+from .formats.probmap import read_probmap_attrs
+from .params import EvaluateParams
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,6 @@ ITC_MAJOR_AXIS_UM = 275.0  #: 200 um ITC limit + 75 um growth
 FROC_RATES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  #: FP per slide at which sensitivity is averaged
 INTERPOLATIONS = ("linear", "nearest")
 LABELS = ("tumor", "normal")
-SHEET_COLUMNS = ("slide_id", "path", "annotation", "label", "split")
 #: cause listed for a slide left out as failed whose failure record is gone by evaluation time
 RERUN_SINCE = (
     "its per-slide job had failed when this run was planned and was re-run since: "
@@ -439,66 +439,6 @@ def bootstrap_cis(
 
 
 # -- reading a cohort ------------------------------------------------------------------------------
-def read_sheet(sheet_tsv: str | Path) -> pd.DataFrame:
-    """The sample sheet as strings (``dtype=str, keep_default_na=False``), columns checked."""
-    sheet_tsv = Path(sheet_tsv)
-    if not sheet_tsv.is_file():
-        raise ConfigError(f"sample sheet {str(sheet_tsv)!r} not found")
-    try:
-        df = pd.read_csv(sheet_tsv, sep="\t", dtype=str, keep_default_na=False, comment="#")
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{sheet_tsv}: not a readable TSV: {exc}")
-    missing = [c for c in SHEET_COLUMNS if c not in df.columns]
-    if missing:
-        raise ConfigError(f"{sheet_tsv}: sample sheet lacks columns {missing}")
-    df = df.apply(lambda col: col.str.strip())
-    dups = df["slide_id"][df["slide_id"].duplicated()].unique().tolist()
-    if dups:
-        raise ConfigError(f"{sheet_tsv}: duplicate slide_id {dups}")
-    return df
-
-
-def read_lesions_csv(path: str | Path, slide_id: str | None = None) -> pd.DataFrame:
-    """``lesions.csv`` (header ``confidence,x,y``) as float64 confidence and int64 level-0 x, y."""
-    path = Path(path)
-    if not path.is_file():
-        raise SlideError(slide_id, path, "lesions file not found")
-    try:
-        df = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise SlideError(slide_id, path, f"cannot read lesions CSV: {exc}")
-    if list(df.columns) != ["confidence", "x", "y"]:
-        raise SlideError(slide_id, path, f"columns must be confidence,x,y; got {list(df.columns)}")
-    try:
-        out = pd.DataFrame(
-            {
-                "confidence": df["confidence"].astype(np.float64),
-                "x": np.floor(df["x"].astype(np.float64)).astype(np.int64),
-                "y": np.floor(df["y"].astype(np.float64)).astype(np.int64),
-            }
-        )
-    except (ValueError, TypeError) as exc:
-        raise SlideError(slide_id, path, f"non-numeric value in lesions CSV: {exc}")
-    if not np.all(np.isfinite(out["confidence"])):
-        raise SlideError(slide_id, path, "NaN or infinite confidence in lesions CSV")
-    return out
-
-
-def read_score_json(path: str | Path, slide_id: str | None = None) -> dict:
-    """``score.json`` of the detect stage; checks ``score`` and the slide ID."""
-    path = Path(path)
-    if not path.is_file():
-        raise SlideError(slide_id, path, "score file not found")
-    try:
-        rec = json.loads(path.read_text())
-        float(rec["score"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise SlideError(slide_id, path, f"bad score JSON: {exc!r}")
-    if slide_id and rec.get("slide_id") not in (None, slide_id):
-        raise SlideError(slide_id, path, f"score file belongs to slide {rec['slide_id']!r}")
-    return rec
-
-
 @dataclass
 class SlideResult:
     """What the evaluation reads of one slide."""
@@ -555,8 +495,8 @@ def slide_froc(
 
 # -- outputs ---------------------------------------------------------------------------------------
 def _write_csv(path: Path, df: pd.DataFrame) -> None:
-    with atomic_output(path) as tmp:
-        df.to_csv(tmp, index=False)
+    with atomic_write(path) as fh:
+        df.to_csv(fh, index=False)
 
 
 def _plot_froc(path: Path, froc: dict | None, ci: list[float] | None, rates) -> None:
@@ -580,8 +520,8 @@ def _plot_froc(path: Path, froc: dict | None, ci: list[float] | None, rates) -> 
     ax.set_title("FROC (Camelyon16 protocol)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png")
+    with atomic_write(path) as fh:
+        fig.savefig(fh, format="png")
 
 
 def _plot_roc(path: Path, roc: pd.DataFrame, auc: float | None, ci: list[float] | None) -> None:
@@ -603,25 +543,17 @@ def _plot_roc(path: Path, roc: pd.DataFrame, auc: float | None, ci: list[float] 
     ax.set_title("Slide classification ROC")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png")
+    with atomic_write(path) as fh:
+        fig.savefig(fh, format="png")
 
 
 def write_submission(out_dir: Path, results: list[SlideResult]) -> None:
-    """Camelyon16 submission folder: ``<slide_id>.csv`` with header-less ``confidence,X,Y``.
-
-    Written to ``<out_dir>.tmp`` and moved into place, replacing an older folder.
-    """
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    for r in results:
-        pts = r.lesions[["confidence", "x", "y"]].to_numpy(dtype=np.float64)
-        write_lesions_csv(tmp / f"{r.slide_id}.csv", pts, header=False)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    """Camelyon16 submission folder: ``<slide_id>.csv`` with header-less ``confidence,X,Y``,
+    replacing an older folder once complete."""
+    with atomic_dir(out_dir) as tmp:
+        for r in results:
+            pts = r.lesions[["confidence", "x", "y"]].to_numpy(dtype=np.float64)
+            write_lesions_csv(tmp / f"{r.slide_id}.csv", pts, header=False)
 
 
 def _model_provenance(model_path: str | Path | None) -> dict | None:
@@ -629,91 +561,64 @@ def _model_provenance(model_path: str | Path | None) -> dict | None:
     if model_path is None:
         return None
     path = Path(model_path)
-    if not path.is_file():
-        return {"path": str(path), "sha256": None}
-    with open(path, "rb") as fh:
-        return {"path": str(path), "sha256": hashlib.file_digest(fh, "sha256").hexdigest()}
+    return {"path": str(path), "sha256": sha256_file(path) if path.is_file() else None}
 
 
 def _json_float(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
-# -- the stage -------------------------------------------------------------------------------------
-def evaluate_cohort(
-    sheet_tsv: str | Path,
-    results_dir: str | Path,
-    out_dir: str | Path,
-    *,
-    split: str = "test",
-    exclude: list[str] | tuple[str, ...] = (),
-    fp_on_negative_only: bool = False,
-    interpolation: str = "linear",
-    bootstrap: int = 1000,
-    seed: int = 0,
-    allow_missing: bool = False,
-    base_dir: str | Path = ".",
-    config_checksum: str | None = None,
-    model_path: str | Path | None = None,
-    failed: Sequence[str] | None = None,
-) -> dict:
-    """Stage ``evaluate``: FROC (Camelyon16) and slide AUC of the ``split`` slides labelled
-    tumor/normal in the sheet, from ``results_dir/<slide_id>/{lesions.csv,score.json,probmap.h5}``.
+# -- the parts of the stage ------------------------------------------------------------------------
+@dataclass
+class Warnings:
+    """Warnings of one evaluation: logged, and listed in ``metrics.json``."""
 
-    ``exclude``: slide IDs left out of the FROC (not of the AUC). ``allow_missing``: slides whose
-    outputs are missing or unreadable, or whose per-slide job left a failure record
-    (``results_dir/<slide_id>/FAILED.json`` newer than its slide and annotation files, see
-    :func:`wsiscan.faults.failed_slides`), are listed under ``missing`` in ``metrics.json``
-    instead of stopping the run; ``failed`` (with ``allow_missing``) names those slides instead,
-    as the workflow does when it plans the run (:func:`wsiscan.faults.failed_slides`), so that
-    the evaluation reads exactly the slides it declared as inputs. Annotation paths in the sheet
-    are relative to ``base_dir``.
-    ``config_checksum`` and ``model_path`` (the checkpoint that scored the slides; its SHA-256 is
-    recorded) are provenance for ``metrics.json``. Writes into ``out_dir``: ``metrics.json``,
-    ``froc.csv``, ``roc.csv``, ``slides.csv``, ``froc.png``, ``roc.png`` and ``submission/``;
-    returns the metrics.
-    """
-    from sklearn.metrics import roc_curve
-    from tqdm import tqdm
+    items: list[str] = field(default_factory=list)
 
-    if interpolation not in INTERPOLATIONS:
-        raise ConfigError(f"evaluate.interpolation must be one of {INTERPOLATIONS}")
-    results_dir, out_dir, base_dir = Path(results_dir), Path(out_dir), Path(base_dir)
-    sheet = read_sheet(sheet_tsv)
-    rows = sheet[(sheet["split"] == split) & sheet["label"].isin(LABELS)].to_dict("records")
-    exclude_set = set(exclude)
-    warns: list[str] = []
+    def __call__(self, message: str) -> None:
+        log.warning(message)
+        self.items.append(message)
 
-    def warn(msg: str) -> None:
-        log.warning(msg)
-        warns.append(msg)
 
-    if not rows:
-        warn(f"no slide of split {split!r} is labelled tumor or normal in {sheet_tsv}")
-    unknown_ex = sorted(exclude_set - {r["slide_id"] for r in rows})
-    if unknown_ex:
-        log.info("excluded IDs not among the evaluated slides: %s", unknown_ex)
-
-    results: list[SlideResult] = []
-    missing: list[dict] = []
+def failure_records(
+    rows: list[dict],
+    results_dir: Path,
+    base_dir: Path,
+    allow_missing: bool,
+    failed: Sequence[str] | None,
+) -> dict[str, dict[str, Any]]:
+    """``{slide: failure record}`` of the slides the evaluation leaves out as failed: those named
+    by ``failed`` (the workflow decides when it plans the run), else (``allow_missing``) those
+    whose failure record is newer than their files."""
     if failed is not None and not allow_missing and failed:
         raise ConfigError("evaluate: --failed (slides to leave out) needs --allow-missing")
-    if failed is not None:  # the workflow decided which slides failed when it planned the run
-        records = {
+    if failed is not None:
+        return {
             sid: read_failure_record(failure_record_path(results_dir, sid))
             or {"stage": None, "cause": RERUN_SINCE}
             for sid in failed
         }
-    elif allow_missing:
-        records = failed_slides(
-            results_dir,
-            {
-                r["slide_id"]: [base_dir / p for p in (r["path"], r["annotation"]) if p]
-                for r in rows
-            },
-        )
-    else:
-        records = {}
+    if not allow_missing:
+        return {}
+    inputs = {
+        r["slide_id"]: [base_dir / p for p in (r["path"], r["annotation"]) if p] for r in rows
+    }
+    return failed_slides(results_dir, inputs)
+
+
+def read_cohort(
+    rows: list[dict],
+    results_dir: Path,
+    records: dict[str, dict[str, Any]],
+    allow_missing: bool,
+    warn: Warnings,
+) -> tuple[list[SlideResult], list[dict]]:
+    """The results of every slide of ``rows``; slides with a failure record in ``records`` (and,
+    with ``allow_missing``, slides whose files cannot be read) are returned as missing."""
+    from tqdm import tqdm
+
+    results: list[SlideResult] = []
+    missing: list[dict] = []
     for row in tqdm(rows, desc="reading results", unit="slide", mininterval=5):
         sid = row["slide_id"]
         record = records.get(sid)
@@ -733,11 +638,25 @@ def evaluate_cohort(
                 raise exc from None
             missing.append({"slide_id": sid, "stage": None, "cause": str(exc)})
             warn(f"slide {sid}: left out: {exc}")
+    return results, missing
+
+
+SLIDE_COLUMNS = (
+    "slide_id", "label", "score", "n_lesions", "n_detections", "tp", "fp", "itc_hits", "n_itc",
+    "in_froc",
+)  # fmt: skip
+
+
+def match_cohort(
+    results: list[SlideResult], exclude: set[str], base_dir: Path, warn: Warnings
+) -> tuple[list[SlideFROC], pd.DataFrame]:
+    """Every slide's FROC contribution (excluded slides have none) and the per-slide table."""
+    from tqdm import tqdm
 
     froc_slides: list[SlideFROC] = []
     per_slide = []
     for res in tqdm(results, desc="FROC masks", unit="slide", mininterval=5):
-        in_froc = res.slide_id not in exclude_set
+        in_froc = res.slide_id not in exclude
         sf = slide_froc(res, base_dir, warn) if in_froc else None
         if sf is not None:
             froc_slides.append(sf)
@@ -755,59 +674,163 @@ def evaluate_cohort(
                 "in_froc": in_froc,
             }
         )
-    slides_df = pd.DataFrame(
-        per_slide,
-        columns=[
-            "slide_id", "label", "score", "n_lesions", "n_detections", "tp", "fp", "itc_hits",
-            "n_itc", "in_froc",
-        ],
-    ).astype({c: "Int64" for c in ("n_lesions", "tp", "fp", "itc_hits", "n_itc")})  # fmt: skip
+    counts = ("n_lesions", "tp", "fp", "itc_hits", "n_itc")
+    table = pd.DataFrame(per_slide, columns=list(SLIDE_COLUMNS)).astype(
+        {c: "Int64" for c in counts}
+    )
+    return froc_slides, table
 
-    # slide classification
+
+def slide_roc(
+    results: list[SlideResult],
+) -> tuple[np.ndarray, np.ndarray, float | None, pd.DataFrame]:
+    """Labels (tumour = 1), scores, AUC (None with one class only) and the ROC curve table."""
+    from sklearn.metrics import roc_curve
+
     y = np.array([r.label == "tumor" for r in results], dtype=np.int64)
     s = np.array([r.score for r in results], dtype=np.float64)
     auc = slide_auc(y, s)
     if auc is None:
-        warn(f"AUC undefined: {len(results)} slides with only one class present")
-        roc = pd.DataFrame({"fpr": [], "tpr": [], "threshold": []})
-    else:
-        fpr, tpr, thr = roc_curve(y, s)
-        roc = pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": thr})
+        return y, s, None, pd.DataFrame({"fpr": [], "tpr": [], "threshold": []})
+    fpr, tpr, thr = roc_curve(y, s)
+    return y, s, auc, pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": thr})
 
-    # lesion localisation
-    froc = cohort_froc(
-        froc_slides, fp_on_negative_only=fp_on_negative_only, interpolation=interpolation
+
+def froc_table(froc: dict | None) -> pd.DataFrame:
+    """The FROC curve as a table (empty when undefined)."""
+    if froc is None:
+        return pd.DataFrame({"fp_per_slide": [], "sensitivity": [], "threshold": []})
+    return pd.DataFrame(
+        {
+            "fp_per_slide": froc["fps"],
+            "sensitivity": froc["sensitivity"],
+            "threshold": froc["thresholds"],
+        }
     )
+
+
+def write_cohort_outputs(
+    out_dir: Path,
+    metrics: dict,
+    tables: dict[str, pd.DataFrame],
+    froc: dict | None,
+    auc: float | None,
+    results: list[SlideResult],
+) -> None:
+    """``metrics.json``, the CSV tables, the FROC and ROC plots and the submission folder."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, table in tables.items():
+        _write_csv(out_dir / f"{name}.csv", table)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        _plot_froc(out_dir / "froc.png", froc, metrics["froc_ci95"], FROC_RATES)
+        _plot_roc(out_dir / "roc.png", tables["roc"], auc, metrics["auc_ci95"])
+    write_submission(out_dir / "submission", results)
+    write_json(out_dir / "metrics.json", metrics)
+
+
+# -- the stage -------------------------------------------------------------------------------------
+def evaluate(
+    sheet: str | Path,
+    model: str | Path | None,
+    params: EvaluateParams,
+    *,
+    results_dir: str | Path,
+    out_dir: str | Path,
+    base_dir: str | Path = ".",
+    config_checksum: str | None = None,
+    failed: Sequence[str] | None = None,
+) -> dict:
+    """Stage ``evaluate``: FROC (Camelyon16) and slide AUC of the ``params.split`` slides
+    labelled tumor/normal in ``sheet``, from ``results_dir/<slide_id>/{lesions.csv,score.json,
+    probmap.h5}``.
+
+    ``params.exclude``: slide IDs left out of the FROC (not of the AUC). ``params.allow_missing``:
+    slides whose outputs are missing or unreadable, or whose per-slide job left a failure record
+    (see :func:`failure_records`), are listed under ``missing`` in ``metrics.json`` instead of
+    stopping the run; ``failed`` names those slides instead, as the workflow decides when it plans
+    the run, so that the evaluation reads exactly the slides it declared as inputs. Paths in the
+    sheet are relative to ``base_dir``. ``config_checksum`` and ``model`` (the checkpoint that
+    scored the slides; its SHA-256 is recorded) are provenance. Writes into ``out_dir``:
+    ``metrics.json``, ``froc.csv``, ``roc.csv``, ``slides.csv``, ``froc.png``, ``roc.png`` and
+    ``submission/``; returns the metrics.
+    """
+    from .config import load_samples
+
+    results_dir, out_dir, base_dir = Path(results_dir), Path(out_dir), Path(base_dir)
+    samples = load_samples(sheet, base_dir=base_dir, check_files=False)
+    labelled = samples["label"].isin(LABELS) & (samples["split"] == params.split)
+    rows = samples[labelled].to_dict("records")
+    warn = Warnings()
+    if not rows:
+        warn(f"no slide of split {params.split!r} is labelled tumor or normal in {sheet}")
+    exclude = set(params.exclude)
+    unknown = sorted(exclude - {r["slide_id"] for r in rows})
+    if unknown:
+        log.info("excluded IDs not among the evaluated slides: %s", unknown)
+
+    records = failure_records(rows, results_dir, base_dir, params.allow_missing, failed)
+    results, missing = read_cohort(rows, results_dir, records, params.allow_missing, warn)
+    froc_slides, slides_table = match_cohort(results, exclude, base_dir, warn)
+    y, s, auc, roc = slide_roc(results)
+    if auc is None:
+        warn(f"AUC undefined: {len(results)} slides with only one class present")
+    options = {
+        "fp_on_negative_only": params.fp_on_negative_only,
+        "interpolation": params.interpolation,
+    }
+    froc = cohort_froc(froc_slides, **options)
     if froc is None:
         warn("FROC undefined: no non-ITC lesion (or no slide to count FPs on) among the slides")
-        froc_df = pd.DataFrame({"fp_per_slide": [], "sensitivity": [], "threshold": []})
-    else:
-        froc_df = pd.DataFrame(
-            {
-                "fp_per_slide": froc["fps"],
-                "sensitivity": froc["sensitivity"],
-                "threshold": froc["thresholds"],
-            }
-        )
-    boot = bootstrap_cis(
-        y,
-        s,
-        froc_slides,
-        n=bootstrap,
-        seed=seed,
-        fp_on_negative_only=fp_on_negative_only,
-        interpolation=interpolation,
+    boot = bootstrap_cis(y, s, froc_slides, n=params.bootstrap, seed=params.seed, **options)
+    metrics = cohort_metrics(
+        params, results, froc_slides, y, auc, froc, boot, missing, warn,
+        model=model, config_checksum=config_checksum,
+    )  # fmt: skip
+    tables = {"froc": froc_table(froc), "roc": roc, "slides": slides_table}
+    write_cohort_outputs(out_dir, metrics, tables, froc, auc, results)
+    log.info(
+        "%d slides: AUC %s, FROC %s (%d lesions, %d ITC, %d FROC slides)",
+        len(results),
+        "n/a" if auc is None else f"{auc:.4f}",
+        "n/a" if froc is None else f"{froc['score']:.4f}",
+        metrics["n_lesions"],
+        metrics["n_itc"],
+        len(froc_slides),
     )
+    return metrics
+
+
+def cohort_metrics(
+    params: EvaluateParams,
+    results: list[SlideResult],
+    froc_slides: list[SlideFROC],
+    y: np.ndarray,
+    auc: float | None,
+    froc: dict | None,
+    boot: dict,
+    missing: list[dict],
+    warn: Warnings,
+    *,
+    model: str | Path | None,
+    config_checksum: str | None,
+) -> dict:
+    """The content of ``metrics.json``."""
     outside = sum(sf.outside for sf in froc_slides)
     if outside:
         warn(f"{outside} detections lay outside their slide and were counted as FP")
     checksums = sorted({r.model_checksum for r in results if r.model_checksum})
     if len(checksums) > 1:
         warn(f"slides were scored by {len(checksums)} different models: {checksums}")
-
-    metrics = {
+    provenance = _model_provenance(model)
+    if provenance and checksums and checksums != [provenance["sha256"]]:
+        warn(
+            f"slides were scored by {checksums}, not by the model {model} "
+            f"({provenance['sha256']}): re-run the workflow"
+        )
+    return {
         "wsiscan_version": __version__,
-        "split": split,
+        "split": params.split,
         "n_slides": len(results),
         "n_tumor": int(y.sum()),
         "n_normal": int(len(y) - y.sum()),
@@ -822,50 +845,24 @@ def evaluate_cohort(
         "n_lesions": int(sum(sf.n_lesions for sf in froc_slides)),
         "n_itc": int(sum(sf.n_itc for sf in froc_slides)),
         "n_detections": int(sum(sf.n_detections for sf in froc_slides)),
-        "excluded": sorted(exclude_set & {r.slide_id for r in results}),
+        "excluded": sorted(set(params.exclude) & {r.slide_id for r in results}),
         "missing": missing,
         "bootstrap": {k: boot[k] for k in ("n", "seed", "n_valid_auc", "n_valid_froc")},
         "config": {
-            "split": split,
-            "exclude": list(exclude),
-            "fp_on_negative_only": fp_on_negative_only,
-            "interpolation": interpolation,
-            "bootstrap": bootstrap,
-            "seed": seed,
-            "allow_missing": allow_missing,
+            "split": params.split,
+            "exclude": list(params.exclude),
+            "fp_on_negative_only": params.fp_on_negative_only,
+            "interpolation": params.interpolation,
+            "bootstrap": params.bootstrap,
+            "seed": params.seed,
+            "allow_missing": params.allow_missing,
             "eval_downsample": EVAL_DOWNSAMPLE,
             "growth_um": GROWTH_UM,
             "itc_major_axis_um": ITC_MAJOR_AXIS_UM,
             "froc_rates": list(FROC_RATES),
         },
         "model_checksums": checksums,
-        "model": _model_provenance(model_path),
+        "model": provenance,
         "config_checksum": config_checksum,
-        "warnings": warns,
+        "warnings": warn.items,
     }
-    if metrics["model"] and checksums and checksums != [metrics["model"]["sha256"]]:
-        warn(
-            f"slides were scored by {checksums}, not by the model {model_path} "
-            f"({metrics['model']['sha256']}): re-run the workflow"
-        )
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write_csv(out_dir / "froc.csv", froc_df)
-    _write_csv(out_dir / "roc.csv", roc)
-    _write_csv(out_dir / "slides.csv", slides_df)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        _plot_froc(out_dir / "froc.png", froc, boot["froc_ci95"], FROC_RATES)
-        _plot_roc(out_dir / "roc.png", roc, auc, boot["auc_ci95"])
-    write_submission(out_dir / "submission", results)
-    write_json(out_dir / "metrics.json", metrics)
-    log.info(
-        "%d slides: AUC %s, FROC %s (%d lesions, %d ITC, %d FROC slides)",
-        len(results),
-        "n/a" if auc is None else f"{auc:.4f}",
-        "n/a" if froc is None else f"{froc['score']:.4f}",
-        metrics["n_lesions"],
-        metrics["n_itc"],
-        len(froc_slides),
-    )
-    return metrics

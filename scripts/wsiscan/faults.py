@@ -9,32 +9,29 @@ that failed (so the stage is retried even where older files of the slide still e
 ``evaluate.allow_missing`` the evaluation leaves out the slides that have one
 (:func:`failed_slides`) and lists them in ``metrics.json``.
 
-HDF5 attributes are read back as plain Python values by :func:`h5_attrs` (every stage's reader).
-
-HDF5 outputs (:func:`atomic_h5`) are written to ``<name>.tmp`` through a guarded file object and
-renamed when complete: a failed write (disk full, file too large, I/O error) raises
-:class:`OutputWriteError` and leaves neither the output nor the ``.tmp`` behind.
-
-Corrupt intermediates: a stage that finds one of the workflow's own HDF5 intermediates
-(``rois.h5``, ``tiles.h5``, ``probmap.h5``) unreadable moves it aside to ``<name>.corrupt``
-(:func:`quarantine`) and fails with a message saying so; the next run regenerates it with the
-stage that produced it (the file is missing and the failed stage's output is a target).
+Corrupt intermediates (:func:`unreadable`): a stage that finds one of the workflow's own HDF5
+intermediates (``rois.h5``, ``tiles.h5``, ``probmap.h5``) unreadable moves it aside to
+``<name>.corrupt`` and fails with a message saying so; the next run regenerates it with the stage
+that produced it (the file is missing and the failed stage's output is a target). Only files the
+workflow wrote are moved: an HDF5 file carrying the format's own ``format`` attribute, or, when
+HDF5 cannot open it at all, an HDF5 file (by its signature) with the intermediate's name inside a
+``results`` folder. Anything else (a slide given where a tiles file belongs, say) gets the error
+and stays where it is.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import errno
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .errors import SlideError
+from .fileio import write_json
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +57,7 @@ def write_failure_record(
         "time": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "wsiscan_version": __version__,
     }
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
+    write_json(path, record)
 
 
 def clear_failure_record(path: str | Path) -> bool:
@@ -123,20 +119,57 @@ def _is_access_error(exc: BaseException) -> bool:
     return "Permission denied" in text or "errno = 13" in text
 
 
-def quarantine(
-    path: str | Path, slide_id: str | None, problem: str, exc: BaseException
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+#: The file name of each HDF5 intermediate, by its ``format`` attribute.
+INTERMEDIATE_NAMES = {
+    "wsiscan-rois/1": "rois.h5",
+    "wsiscan-tiles/1": "tiles.h5",
+    "wsiscan-probmap/1": "probmap.h5",
+}
+
+
+def is_own_intermediate(path: str | Path, format_tag: str) -> bool:
+    """Whether ``path`` is an intermediate the workflow wrote (see the module docstring)."""
+    import h5py
+
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            return f.attrs.get("format") in (format_tag, format_tag.encode())
+    except Exception:  # noqa: S110 (not readable as HDF5: judged by signature, name, folder)
+        pass
+    try:
+        with open(path, "rb") as fh:
+            signature = fh.read(len(HDF5_SIGNATURE))
+    except OSError:
+        return False
+    return (
+        signature == HDF5_SIGNATURE
+        and path.name == INTERMEDIATE_NAMES.get(format_tag)
+        and "results" in path.resolve().parent.parts
+    )
+
+
+def unreadable(
+    path: str | Path, slide_id: str | None, problem: str, exc: BaseException, format_tag: str
 ) -> SlideError:
-    """Move the unreadable intermediate ``path`` aside to ``<path>.corrupt``; return the error.
+    """The error for an HDF5 intermediate that cannot be read; the file is moved aside to
+    ``<path>.corrupt`` when the workflow wrote it (:func:`is_own_intermediate`).
 
     ``problem`` says what is wrong (``tiles file is not a readable HDF5 file``), ``exc`` is the
-    read error. The returned :class:`SlideError` adds that the file was moved and that re-running
-    the workflow regenerates it; the caller raises it. Access errors (permissions) leave the file
-    where it is.
+    read error. The caller raises the returned :class:`SlideError`. Access errors (permissions)
+    and files the workflow did not write stay where they are.
     """
     path = Path(path)
     detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if _is_access_error(exc):
         return SlideError(slide_id, path, f"{problem}: {detail}")
+    if not is_own_intermediate(path, format_tag):
+        return SlideError(
+            slide_id,
+            path,
+            f"{problem} ({detail}); not a file the workflow wrote: left as it is",
+        )
     aside = path.with_name(path.name + CORRUPT_SUFFIX)
     try:
         os.replace(path, aside)
@@ -153,151 +186,3 @@ def quarantine(
         path,
         f"{problem} ({detail}); moved aside to {aside.name}: re-run the workflow to regenerate it",
     )
-
-
-# -- HDF5 outputs ----------------------------------------------------------------------------------
-class OutputWriteError(OSError):
-    """Writing an output failed (disk full, file too large, I/O error); nothing was written."""
-
-
-class _GuardedFile:
-    """A raw file for h5py's file-object driver that never lets a write error reach HDF5.
-
-    The first failed write (disk full, file too large, I/O error) is kept in ``error``; it and
-    every later write are then discarded as if done, and reads return zeros, so HDF5 stays
-    consistent and can close the file. (HDF5 2.0 with h5py 3.16 crashes the interpreter later
-    when a write error reaches it, through either driver.) The writer calls :meth:`check` to
-    stop early; :func:`atomic_h5` raises the error at the end in any case.
-    """
-
-    def __init__(self, raw) -> None:
-        self._raw = raw
-        self.error: OSError | None = None
-
-    def check(self) -> None:
-        """Raise the first write error (as :class:`OutputWriteError`), if there was one."""
-        if self.error is not None:
-            raise _write_error(self.error)
-
-    def write(self, data) -> int:
-        view = memoryview(data).cast("B")
-        if self.error is None:
-            try:
-                done = 0
-                while done < len(view):
-                    n = self._raw.write(view[done:])
-                    if not n:
-                        raise OSError(errno.EIO, "short write")
-                    done += n
-            except OSError as exc:
-                self.error = exc
-        return len(view)
-
-    def truncate(self, size: int | None = None) -> int:
-        size = self._raw.tell() if size is None else size
-        if self.error is None:
-            try:
-                self._raw.truncate(size)
-            except OSError as exc:
-                self.error = exc
-        return size
-
-    def flush(self) -> None:
-        return None  # unbuffered
-
-    def readinto(self, buffer) -> int:
-        view = memoryview(buffer).cast("B")
-        if self.error is not None:
-            view[:] = bytes(len(view))
-            return len(view)
-        return self._raw.readinto(view)
-
-    def read(self, size: int = -1) -> bytes:
-        if size is None or size < 0:
-            return self._raw.read()
-        out = bytearray(size)
-        return bytes(out[: self.readinto(out)])
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        return self._raw.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self._raw.tell()
-
-
-def _write_error(exc: OSError, path: str | Path | None = None) -> OutputWriteError:
-    """``exc`` as an :class:`OutputWriteError` (naming ``path`` when given)."""
-    if isinstance(exc, OutputWriteError):
-        return exc
-    if exc.errno is None:
-        return OutputWriteError(f"{exc}: {path}" if path is not None else str(exc))
-    if path is None:
-        return OutputWriteError(exc.errno, exc.strerror or str(exc))
-    return OutputWriteError(exc.errno, exc.strerror or str(exc), str(path))
-
-
-@contextmanager
-def atomic_file(path: str | Path) -> Iterator[Path]:
-    """Yield ``<path>.tmp`` to write to; on success rename it onto ``path``, else delete it.
-
-    An ``OSError`` while writing (disk full, file too large) is raised as
-    :class:`OutputWriteError` naming ``path``.
-    """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        yield tmp
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise _write_error(exc, path) from exc
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def h5_attrs(obj: Any) -> dict[str, Any]:
-    """Attributes of an h5py file, group or dataset as plain Python values: bytes decoded, numpy
-    scalars unwrapped, arrays as tuples."""
-    import numpy as np
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, bytes):
-            return value.decode()
-        if isinstance(value, np.ndarray):
-            return tuple(v.item() for v in value)
-        if isinstance(value, np.generic):
-            return value.item()
-        return value
-
-    return {k: plain(v) for k, v in obj.attrs.items()}
-
-
-@contextmanager
-def atomic_h5(path: str | Path) -> Iterator[tuple[Any, Callable[[], None]]]:
-    """Write an HDF5 file atomically: yields ``(h5py.File on <path>.tmp, check)``.
-
-    On success the ``.tmp`` is renamed onto ``path``. Writes go through :class:`_GuardedFile`:
-    a failed write (disk full, file too large, I/O error) is raised as
-    :class:`OutputWriteError` by ``check()`` (call it after writing a batch, to stop early) and,
-    at the latest, after HDF5 has closed the file. On any error the ``.tmp`` is removed and ``path`` is left as it was.
-    """
-    import h5py
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w+b", buffering=0) as raw:
-            guard = _GuardedFile(raw)
-            try:
-                with h5py.File(guard, "w") as f:
-                    yield f, guard.check
-            except BaseException:
-                if guard.error is not None:
-                    raise _write_error(guard.error) from None
-                raise
-            if guard.error is not None:
-                raise _write_error(guard.error)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -1,4 +1,4 @@
-"""ROI grid: the blocks a slide is scanned with, chosen from the tissue mask; ``rois.h5``.
+"""ROI grid: the blocks a slide is scanned with, chosen from the tissue mask (stage ``roi_grid``).
 
 Grid convention (see :mod:`wsiscan.geometry`): block ``(bx, by)`` has its level-0 top-left at
 ``(origin + bx*Sr, origin + by*Sr)`` and side ``block_side``; its dense tile covers the level-0
@@ -17,34 +17,18 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import h5py
 import numpy as np
 
-from . import __version__
 from .errors import SlideError
-from .faults import atomic_h5, h5_attrs, quarantine
+from .formats.rois import RoiGrid, write_rois
+from .formats.tissue_mask import check_mask_fits, read_tissue_mask
 from .geometry import Geometry
+from .params import RoiGridParams
 from .slide import open_slide
-from .tissue import read_tissue_mask
 
 log = logging.getLogger(__name__)
 
-ROI_DATASETS = ("level0_xy", "grid_xy", "tissue_fraction")
-ROI_ATTRS = (
-    "geometry_checksum",
-    "slide_id",
-    "slide_width",
-    "slide_height",
-    "mpp",
-    "mask_level",
-    "mask_downsample_x",
-    "mask_downsample_y",
-    "min_tissue_fraction",
-    "grid_shape",
-    "wsiscan_version",
-)
 _EDGE_EPS = 1e-9  # mask-pixel units: an edge this close to a pixel border touches no area
 
 
@@ -148,150 +132,45 @@ def block_grid(
     )
 
 
-# -- rois.h5 -------------------------------------------------------------------------------------
-def write_rois(
-    path: str | Path,
-    result: GridResult,
-    geometry: Geometry,
-    *,
-    slide_id: str,
-    slide_wh: tuple[int, int],
-    mpp: float,
-    mask_level: int,
-    mask_downsample_xy: tuple[float, float],
-    min_tissue_fraction: float,
-) -> None:
-    """Write ``results/{slide}/rois.h5`` atomically (``<path>.tmp``, then rename).
-
-    Datasets ``level0_xy`` (N, 2) int64 (x, y), ``grid_xy`` (N, 2) int64 (bx, by),
-    ``tissue_fraction`` (N,) float32; attributes: every ``Geometry.as_attrs()`` entry plus
-    ``ROI_ATTRS``. N = 0 is valid (empty datasets) and logs a warning.
-    """
-    n = result.n_blocks
-    attrs: dict[str, object] = dict(geometry.as_attrs())
-    attrs.update(
-        geometry_checksum=geometry.checksum(),
-        slide_id=slide_id,
-        slide_width=int(slide_wh[0]),
-        slide_height=int(slide_wh[1]),
-        mpp=float(mpp),
-        mask_level=int(mask_level),
-        mask_downsample_x=float(mask_downsample_xy[0]),
-        mask_downsample_y=float(mask_downsample_xy[1]),
-        min_tissue_fraction=float(min_tissue_fraction),
-        grid_shape=np.asarray(result.grid_shape, dtype=np.int64),
-        wsiscan_version=__version__,
-    )
-    with atomic_h5(path) as (f, _):
-        f.create_dataset("level0_xy", data=result.level0_xy.astype(np.int64).reshape(n, 2))
-        f.create_dataset("grid_xy", data=result.grid_xy.astype(np.int64).reshape(n, 2))
-        f.create_dataset("tissue_fraction", data=result.tissue_fraction.astype(np.float32))
-        for key, value in attrs.items():
-            f.attrs[key] = value
-    if n == 0:
-        log.warning("%s: no tissue in any block: empty ROI grid written to %s", slide_id, path)
-
-
-def read_rois(
-    path: str | Path, slide_id: str | None = None
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Read and check ``rois.h5``: ``({"level0_xy", "grid_xy", "tissue_fraction"}, attrs)``.
-
-    Attributes come back as plain Python values (``grid_shape`` a tuple). The geometry attributes
-    must match the geometry re-derived from the network and its checksum; when ``slide_id`` is
-    given it must match the file's. Raises :class:`SlideError` naming the slide and the file on a
-    missing, corrupt or inconsistent file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise SlideError(slide_id, path, "ROI grid file not found")
-    try:
-        with h5py.File(path, "r") as f:
-            attrs: dict[str, Any] = h5_attrs(f)
-            missing = [k for k in ROI_DATASETS if k not in f]
-            arrays = {k: f[k][()] for k in ROI_DATASETS if k in f}
-    except (OSError, KeyError, ValueError, RuntimeError) as exc:
-        raise quarantine(path, slide_id, "ROI grid file is not a readable HDF5 file", exc)
-    who = slide_id or (str(attrs["slide_id"]) if "slide_id" in attrs else None)
-    if missing:
-        raise SlideError(who, path, f"ROI grid file lacks datasets {', '.join(missing)}")
-    absent = [k for k in ROI_ATTRS + ("arch", "n", "alpha") if k not in attrs]
-    if absent:
-        raise SlideError(who, path, f"ROI grid file lacks attributes {', '.join(absent)}")
-    if slide_id is not None and attrs["slide_id"] != slide_id:
-        raise SlideError(slide_id, path, f"ROI grid file belongs to slide {attrs['slide_id']!r}")
-    try:
-        geometry = Geometry.from_attrs(attrs)
-    except (ValueError, KeyError) as exc:
-        raise SlideError(who, path, f"ROI grid geometry is invalid: {exc}")
-    stale = {k: (attrs.get(k), v) for k, v in geometry.as_attrs().items() if attrs.get(k) != v}
-    if stale:
-        raise SlideError(who, path, f"ROI grid geometry attributes disagree: {stale}")
-    n = arrays["tissue_fraction"].shape[0] if arrays["tissue_fraction"].ndim == 1 else -1
-    for key, shape in (("level0_xy", (n, 2)), ("grid_xy", (n, 2)), ("tissue_fraction", (n,))):
-        if n < 0 or arrays[key].shape != shape:
-            raise SlideError(who, path, f"ROI grid dataset {key} has shape {arrays[key].shape}")
-    arrays["level0_xy"] = arrays["level0_xy"].astype(np.int64, copy=False)
-    arrays["grid_xy"] = arrays["grid_xy"].astype(np.int64, copy=False)
-    arrays["tissue_fraction"] = arrays["tissue_fraction"].astype(np.float32, copy=False)
-    grid_xy = arrays["grid_xy"]
-    rows, cols = (int(v) for v in attrs["grid_shape"])
-    if n and (grid_xy.min() < 0 or grid_xy[:, 0].max() >= cols or grid_xy[:, 1].max() >= rows):
-        raise SlideError(who, path, f"ROI grid_xy outside the {rows}x{cols} grid")
-    if not np.array_equal(arrays["level0_xy"], geometry.origin + grid_xy * geometry.Sr):
-        raise SlideError(who, path, "ROI level0_xy disagrees with grid_xy and the geometry")
-    return arrays, attrs
-
-
 # -- stage ---------------------------------------------------------------------------------------
-def compute_grid(
-    slide_path: str | Path,
-    mask_png: str | Path,
-    out_rois_h5: str | Path,
+def roi_grid(
+    slide: str | Path,
+    mask: str | Path,
+    out_rois: str | Path,
+    params: RoiGridParams,
     *,
     slide_id: str,
-    arch: str = "vgg16",
-    n: int,
-    alpha: int,
-    min_tissue_fraction: float = 0.0,
-    mpp_fallback: float | None = None,
 ) -> dict[str, object]:
-    """Stage ``roi_grid``: blocks of the network's geometry over the slide's tissue -> rois.h5.
+    """Stage ``roi_grid``: blocks of the network's geometry over the slide's tissue -> ``rois.h5``.
 
-    The geometry comes from :meth:`Geometry.for_arch` (derived from the layer list the model is
-    built from). The mask must have been computed for this slide (same ID and size). Returns a
-    summary (block count, grid shape, geometry checksum).
+    The geometry is derived from the layer list the model is built from
+    (:meth:`Geometry.for_arch`). The mask must have been made for this slide (same ID and size);
+    its ``slide_mpp`` (resolved by ``tissue_mask``) is the grid's ``mpp``. Returns a summary.
     """
     try:
-        geometry = Geometry.for_arch(arch, n=n, alpha=alpha)
+        geometry = Geometry.for_arch(params.arch, n=params.n, alpha=params.alpha)
     except ValueError as exc:
-        raise SlideError(slide_id, slide_path, f"invalid scan geometry: {exc}")
-    mask, meta = read_tissue_mask(mask_png, slide_id=slide_id)
-    with open_slide(slide_path, slide_id=slide_id, mpp_fallback=mpp_fallback) as slide:
-        slide_wh = slide.dimensions
-        mpp = slide.mpp
-    if meta["slide_id"] != slide_id:
-        raise SlideError(slide_id, mask_png, f"tissue mask belongs to slide {meta['slide_id']!r}")
-    if (meta["slide_width"], meta["slide_height"]) != tuple(slide_wh):
-        raise SlideError(
-            slide_id,
-            mask_png,
-            f"tissue mask was made for a {meta['slide_width']}x{meta['slide_height']} px slide, "
-            f"the slide is {slide_wh[0]}x{slide_wh[1]} px",
-        )
+        raise SlideError(slide_id, slide, f"invalid scan geometry: {exc}")
+    tissue, meta = read_tissue_mask(mask, slide_id=slide_id)
+    with open_slide(slide, slide_id=slide_id) as s:
+        slide_wh = s.dimensions
+    check_mask_fits(meta, slide_wh, slide_id, mask)
     downsample = (float(meta["downsample_x"]), float(meta["downsample_y"]))
-    result = block_grid(mask, downsample, slide_wh, geometry, min_tissue_fraction)
-    write_rois(
-        out_rois_h5,
-        result,
-        geometry,
+    result = block_grid(tissue, downsample, slide_wh, geometry, params.min_tissue_fraction)
+    grid = RoiGrid(
+        geometry=geometry,
+        level0_xy=result.level0_xy,
+        grid_xy=result.grid_xy,
+        tissue_fraction=result.tissue_fraction,
+        grid_shape=result.grid_shape,
         slide_id=slide_id,
-        slide_wh=slide_wh,
-        mpp=mpp,
+        slide_wh=tuple(slide_wh),
+        mpp=float(meta["slide_mpp"]),
         mask_level=int(meta["level"]),
         mask_downsample_xy=downsample,
-        min_tissue_fraction=min_tissue_fraction,
+        min_tissue_fraction=params.min_tissue_fraction,
     )
+    write_rois(out_rois, grid)
     rows, cols = result.grid_shape
     log.info(
         "%s: %d of %d blocks kept (grid %dx%d, Sr %d px, block %d px, min tissue fraction %g)",
@@ -302,8 +181,10 @@ def compute_grid(
         cols,
         geometry.Sr,
         geometry.block_side,
-        min_tissue_fraction,
+        params.min_tissue_fraction,
     )
+    if result.n_blocks == 0:
+        log.warning("%s: no tissue in any block: empty ROI grid written to %s", slide_id, out_rois)
     return {
         "slide_id": slide_id,
         "n_blocks": result.n_blocks,

@@ -3,19 +3,19 @@
 Producers and consumer: a :class:`torch.utils.data.DataLoader` whose worker processes read the
 blocks from the slide (each worker opens the slide itself) while the device computes the dense
 tiles of the previous batch. Blocks travel as uint8 (pinned memory on CUDA) and are normalised on
-the device by :func:`wsiscan.model.to_tensor`.
+the device by :func:`wsiscan.model.to_tensor`. :func:`iter_dense_tiles` is that loop; the stage
+writes what it yields into ``tiles.h5`` (:mod:`wsiscan.formats.tiles`), and hard-negative mining
+(:mod:`wsiscan.mining`) consumes the same loop.
 
-Exactness: in float32 (``amp=False``, the default) the tiles equal the patch classifier at stride
-``Sd`` up to float32 rounding; TF32 is switched off for the run on CUDA. ``amp=True`` runs the
-network under autocast (bfloat16 where the GPU supports it, else float16) and is faster but not
-exact. Same inputs and settings give the same ``tiles.h5`` (cuDNN in deterministic mode).
+Exactness: in float32 (``amp`` false, the default) the tiles equal the patch classifier at stride
+``Sd`` up to float32 rounding; TF32 is switched off for the run on CUDA. ``amp`` runs the network
+under autocast (bfloat16 where the GPU supports it, else float16) and is faster but not exact.
+Same inputs and settings give the same ``tiles.h5`` (cuDNN in deterministic mode).
 
-``tiles.h5``: dataset ``tiles`` (N, T, T) tumour probability (``T = tile_side``, dtype from the
-config), ``grid_xy`` (N, 2) int64 (bx, by), ``level0_xy`` (N, 2) int64 block top-left,
-``tissue_fraction`` (N,); attributes: those of ``rois.h5`` plus ``model_checksum`` (sha256 of the
-model file), ``model_width``, ``model_batchnorm``, ``dense_mode``, ``amp``, ``device``,
-``tile_dtype``, ``wsiscan_version``. Tile ``k``, cell ``(r, c)`` is map cell
-``(by*T + r, bx*T + c)`` of the slide map at stride ``Sd``.
+Measured on one H100 (full width, 2884 px blocks, alpha 2, single pass, per block): float32
+0.18 s, bf16 (``amp``) 0.036 s. In exact float32 mode cuDNN may take most of the free GPU memory
+as workspace (65 GiB seen on an idle 80 GB card; it falls back to other algorithms when memory is
+short); bf16 needs ~4 GiB per block. Full width on a CPU needs ~7 GB per 2884 px block.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,17 +35,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from . import __version__
-from .dense import DENSE_MODES, dense_tiles
-from .errors import ConfigError, SlideError
-from .faults import OutputWriteError, atomic_h5
+from .dense import dense_tiles
+from .errors import CheckpointError, ConfigError, SlideError
+from .fileio import OutputWriteError, sha256_file
+from .formats.rois import RoiGrid, read_rois
+from .formats.tiles import write_tiles
 from .geometry import Geometry
-from .model import to_tensor
-from .slide import Slide, check_slide_id, open_slide
+from .model import ScanNet, to_tensor
+from .params import InferParams
+from .slide import Slide, open_slide
 
 log = logging.getLogger(__name__)
-
-TILE_DTYPES = ("float32", "float16")
 
 
 class BlockDataset(Dataset):
@@ -57,19 +58,12 @@ class BlockDataset(Dataset):
     """
 
     def __init__(
-        self,
-        slide_path: str | Path,
-        level0_xy: np.ndarray,
-        block_side: int,
-        *,
-        slide_id: str,
-        mpp_fallback: float | None = None,
+        self, slide_path: str | Path, level0_xy: np.ndarray, block_side: int, *, slide_id: str
     ) -> None:
         self.slide_path = str(slide_path)
         self.level0_xy = np.asarray(level0_xy, dtype=np.int64).reshape(-1, 2)
         self.block_side = int(block_side)
         self.slide_id = slide_id
-        self.mpp_fallback = mpp_fallback
         self._slide: Slide | None = None
         self._pid: int | None = None
 
@@ -78,7 +72,7 @@ class BlockDataset(Dataset):
 
     def _open(self) -> Slide:
         if self._slide is None or self._pid != os.getpid():
-            self._slide = open_slide(self.slide_path, self.slide_id, self.mpp_fallback)
+            self._slide = open_slide(self.slide_path, self.slide_id)
             self._pid = os.getpid()
         return self._slide
 
@@ -104,18 +98,20 @@ class BlockDataset(Dataset):
         self._slide = None
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` without a GPU is a ConfigError."""
+# -- devices ---------------------------------------------------------------------------------------
+def resolve_device(device: str, key: str = "infer.device") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; a device that is not there is a
+    :class:`ConfigError` naming the config ``key``."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ConfigError(f"infer.device: {device!r} is not a device (auto, cpu, cuda, cuda:N)")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"infer.device: {device!r} requested but CUDA is not available here")
+        raise ConfigError(f"{key}: {device!r} is not a device (auto, cpu, cuda, cuda:N)")
     if dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"infer.device: {device!r} is not supported (auto, cpu, cuda, cuda:N)")
+        raise ConfigError(f"{key}: {device!r} is not supported (auto, cpu, cuda, cuda:N)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{key}: {device!r} requested but CUDA is not available here")
     return dev
 
 
@@ -169,114 +165,28 @@ def _progress(total: int, desc: str):
     )
 
 
-def infer_slide(
-    slide_path: str | Path,
-    rois_h5: str | Path,
-    model_path: str | Path,
-    out_h5: str | Path,
-    *,
-    slide_id: str,
-    batch_size: int = 4,
-    num_workers: int = 2,
-    device: str = "auto",
-    amp: bool = False,
-    tile_dtype: str = "float32",
-    dense_mode: str = "single",
-    mpp_fallback: float | None = None,
-    threads: int | None = None,
-) -> dict[str, Any]:
-    """Run the model densely over every block of ``rois_h5`` and write ``tiles.h5``.
-
-    ``batch_size`` blocks per device batch (full width on CPU needs ~7 GB per 2884 px block:
-    use 1 there); ``num_workers`` slide-reading processes (0 reads in this process);
-    ``device`` ``auto``/``cpu``/``cuda[:N]``; ``amp`` autocast on CUDA (not exact; ignored on
-    CPU); ``tile_dtype`` ``float32`` or ``float16``; ``dense_mode`` ``single`` or ``shift``;
-    ``threads`` torch CPU threads for this call (restored after). The file is written as
-    ``<out>.tmp`` and renamed at the end. Returns a summary (blocks, seconds, time waiting for
-    reads, computing and writing).
-
-    Measured on one H100 (full width, 2884 px blocks, alpha 2, single pass, per block): float32
-    0.18 s, bf16 (``amp``) 0.036 s. In exact float32 mode cuDNN may take most of the free GPU
-    memory as workspace (65 GiB seen on an idle 80 GB card; it falls back to other algorithms
-    when memory is short); bf16 needs ~4 GiB per block.
-    """
-    saved_threads = torch.get_num_threads()
-    try:
-        if threads:
-            torch.set_num_threads(int(threads))
-        return _infer_slide(
-            slide_path,
-            rois_h5,
-            model_path,
-            out_h5,
-            slide_id=slide_id,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            device=device,
-            amp=amp,
-            tile_dtype=tile_dtype,
-            dense_mode=dense_mode,
-            mpp_fallback=mpp_fallback,
-        )
-    finally:
-        torch.set_num_threads(saved_threads)
-
-
-def _infer_slide(
-    slide_path: str | Path,
-    rois_h5: str | Path,
-    model_path: str | Path,
-    out_h5: str | Path,
-    *,
-    slide_id: str,
-    batch_size: int,
-    num_workers: int,
-    device: str,
-    amp: bool,
-    tile_dtype: str,
-    dense_mode: str,
-    mpp_fallback: float | None,
-) -> dict[str, Any]:
-    from .grid import read_rois
-    from .model import CheckpointError, file_checksum, load_checkpoint
-
-    t_start = time.perf_counter()
-    check_slide_id(slide_id)
-    if batch_size < 1 or num_workers < 0:
-        raise ConfigError(
-            f"infer: batch_size must be >= 1 and workers >= 0, got {batch_size}, {num_workers}"
-        )
-    if tile_dtype not in TILE_DTYPES:
-        raise ConfigError(f"infer.tile_dtype must be one of {TILE_DTYPES}, got {tile_dtype!r}")
-    if dense_mode not in DENSE_MODES:
-        raise ConfigError(f"infer.dense_mode must be one of {DENSE_MODES}, got {dense_mode!r}")
-    dev = resolve_device(device)
-    if amp and dev.type != "cuda":
-        log.warning(
-            "%s: mixed precision is only used on CUDA; running float32 on %s", slide_id, dev
-        )
-        amp = False
-
-    arrays, attrs = read_rois(rois_h5, slide_id)
-    geometry = Geometry.from_attrs(attrs)
-    level0_xy, grid_xy = arrays["level0_xy"], arrays["grid_xy"]
-    n_blocks = int(level0_xy.shape[0])
-
-    with open_slide(slide_path, slide_id, mpp_fallback) as slide:
-        wh, mpp = slide.dimensions, slide.mpp
-    if tuple(wh) != (int(attrs["slide_width"]), int(attrs["slide_height"])):
+# -- the parts of the stage ------------------------------------------------------------------------
+def check_slide_fits(slide_path: str | Path, grid: RoiGrid, rois: str | Path) -> None:
+    """:class:`SlideError` unless ``slide_path`` has the size the ROI grid was made for."""
+    with open_slide(slide_path, grid.slide_id) as slide:
+        wh = slide.dimensions
+    if tuple(wh) != tuple(grid.slide_wh):
         raise SlideError(
-            slide_id,
-            rois_h5,
-            f"ROI grid was made for a {attrs['slide_width']}x{attrs['slide_height']} slide, "
+            grid.slide_id,
+            rois,
+            f"ROI grid was made for a {grid.slide_wh[0]}x{grid.slide_wh[1]} slide, "
             f"but {slide_path} is {wh[0]}x{wh[1]}",
         )
-    if not np.isclose(mpp, float(attrs["mpp"]), rtol=1e-3):
-        raise SlideError(
-            slide_id, rois_h5, f"ROI grid mpp {attrs['mpp']} differs from the slide's mpp {mpp}"
-        )
 
-    model, config = load_checkpoint(model_path, map_location=dev)
+
+def load_scan_model(
+    model_path: str | Path, geometry: Geometry, device: torch.device
+) -> tuple[ScanNet, dict[str, Any]]:
+    """The checkpoint's network on ``device`` (eval mode) and its ``tiles.h5`` attributes; a
+    :class:`CheckpointError` when it cannot scan ``geometry`` (another architecture or layers)."""
+    from .formats.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(model_path, map_location=device)
     try:
         model_geometry = model.geometry(geometry.n, geometry.alpha)
     except ValueError as exc:
@@ -284,151 +194,199 @@ def _infer_slide(
     if model.arch != geometry.arch or model_geometry.checksum() != geometry.checksum():
         raise CheckpointError(
             model_path,
-            f"model {model.arch} (Lf={model.Lf}, Sf={model.Sf}) does not match the ROI grid of "
-            f"{rois_h5} ({geometry.arch}, Lf={geometry.Lf}, Sf={geometry.Sf})",
+            f"model {model.arch} (Lf={model.Lf}, Sf={model.Sf}) does not match the ROI grid "
+            f"({geometry.arch}, Lf={geometry.Lf}, Sf={geometry.Sf})",
         )
-    model_sha = file_checksum(model_path)
-    T = geometry.tile_side
-    log.info(
-        "%s: %d blocks of %d px -> tiles %dx%d at stride %d px (model %s width %g, %s, %s%s)",
-        slide_id,
-        n_blocks,
-        geometry.block_side,
-        T,
-        T,
-        geometry.Sd,
-        model.arch,
-        model.width,
-        dense_mode,
-        dev,
-        ", amp" if amp else "",
-    )
+    attrs = {
+        "model_checksum": sha256_file(model_path),
+        "model_arch": model.arch,
+        "model_width": float(model.width),
+        "model_batchnorm": bool(model.batchnorm),
+    }
+    return model, attrs
 
+
+@dataclass
+class ScanTiming:
+    """Seconds of one scan: waiting for block reads, computing (device time included)."""
+
+    wait_s: float = 0.0
+    compute_s: float = 0.0
+
+
+def iter_dense_tiles(
+    model: ScanNet,
+    slide_path: str | Path,
+    grid: RoiGrid,
+    *,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    amp: bool,
+    dense_mode: str,
+    timing: ScanTiming | None = None,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Dense tiles of every block of ``grid``, in order: yields ``(first block index, float32
+    tiles (k, T, T))`` per batch.
+
+    ``workers`` DataLoader processes read blocks while the device computes; on CUDA the copy of
+    batch ``k`` back to the host overlaps the kernels of batch ``k+1``. A block that cannot be
+    read raises :class:`SlideError` naming the region.
+    """
+    timing = timing or ScanTiming()
+    n_blocks = grid.n_blocks
     dataset = BlockDataset(
-        slide_path, level0_xy, geometry.block_side, slide_id=slide_id, mpp_fallback=mpp_fallback
+        slide_path, grid.level0_xy, grid.geometry.block_side, slide_id=grid.slide_id
     )
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=False,
-        num_workers=num_workers if n_blocks else 0,
-        pin_memory=dev.type == "cuda",
-        prefetch_factor=2 if num_workers and n_blocks else None,
+        num_workers=workers if n_blocks else 0,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=2 if workers and n_blocks else None,
     )
 
-    out_h5 = Path(out_h5)
-    np_dtype = np.dtype(tile_dtype)
-    wait_s = compute_s = write_s = 0.0
+    def finish(item: tuple[int, torch.Tensor, Any]) -> tuple[int, np.ndarray]:
+        start, host, event = item
+        t0 = time.perf_counter()
+        if event is not None:
+            event.synchronize()
+        timing.compute_s += time.perf_counter() - t0
+        return start, host.numpy()
+
+    pending = None
     try:
-        with atomic_h5(out_h5) as (f, check_writes):  # <out>.tmp, renamed when complete
-            out_attrs = dict(attrs)
-            out_attrs.update(
-                model_checksum=model_sha,
-                model_arch=model.arch,
-                model_width=float(model.width),
-                model_batchnorm=bool(model.batchnorm),
-                dense_mode=dense_mode,
-                amp=bool(amp),
-                device=dev.type,
-                tile_dtype=tile_dtype,
-                wsiscan_version=__version__,
-            )
-            for key, value in out_attrs.items():
-                f.attrs[key] = value
-            chunk = {"chunks": (1, T, T), "compression": "gzip", "compression_opts": 1}
-            tiles = f.create_dataset(
-                "tiles", shape=(n_blocks, T, T), dtype=np_dtype, **(chunk if n_blocks else {})
-            )
-            tiles.attrs["description"] = (
-                "tumour probability; cell (r, c) = map cell (by*T+r, bx*T+c)"
-            )
-            f.create_dataset("grid_xy", data=grid_xy.astype(np.int64).reshape(-1, 2))
-            f.create_dataset("level0_xy", data=level0_xy.astype(np.int64).reshape(-1, 2))
-            f.create_dataset("tissue_fraction", data=arrays["tissue_fraction"].astype(np.float32))
-
-            def flush(item: tuple[np.ndarray, torch.Tensor, Any]) -> None:
-                """Wait for one batch's tiles (CUDA event) and write them."""
-                nonlocal compute_s, write_s
-                index, host, event = item
+        with exact_cuda_math(device.type == "cuda" and not amp), _autocast(device, amp):
+            t_wait = time.perf_counter()
+            for batch in loader:
                 t0 = time.perf_counter()
-                if event is not None:
-                    event.synchronize()
-                t1 = time.perf_counter()
-                tiles[index[0] : index[-1] + 1] = host.numpy().astype(np_dtype)
-                check_writes()  # a failed write (disk full) stops the run here
-                compute_s += t1 - t0
-                write_s += time.perf_counter() - t1
-
-            # The device works on batch k+1 while batch k is copied back and written: the
-            # copy of k is queued before k+1's kernels and waited for through an event.
-            pending = None
-            with (
-                exact_cuda_math(dev.type == "cuda" and not amp),
-                _autocast(dev, amp),
-                _progress(n_blocks, slide_id) as bar,
-            ):
-                t_wait = time.perf_counter()
-                for batch in loader:
-                    t0 = time.perf_counter()
-                    wait_s += t0 - t_wait
-                    errors = [e for e in batch["error"] if e]
-                    if errors:
-                        raise SlideError(slide_id, slide_path, errors[0])
-                    index = batch["index"].numpy()
-                    x = to_tensor(batch["rgb"], device=dev)
-                    prob = dense_tiles(model, x, geometry.alpha, mode=dense_mode).float()
-                    event = None
-                    if dev.type == "cuda":
-                        host = torch.empty(prob.shape, dtype=torch.float32, pin_memory=True)
-                        host.copy_(prob, non_blocking=True)
-                        event = torch.cuda.Event()
-                        event.record()
-                    else:
-                        host = prob
-                    compute_s += time.perf_counter() - t0
-                    if pending is not None:
-                        flush(pending)
-                        bar.update(len(pending[0]))
-                    pending = (index, host, event)
-                    t_wait = time.perf_counter()
+                timing.wait_s += t0 - t_wait
+                errors = [e for e in batch["error"] if e]
+                if errors:
+                    raise SlideError(grid.slide_id, slide_path, errors[0])
+                x = to_tensor(batch["rgb"], device=device)
+                prob = dense_tiles(model, x, grid.geometry.alpha, mode=dense_mode).float()
+                event = None
+                if device.type == "cuda":
+                    host = torch.empty(prob.shape, dtype=torch.float32, pin_memory=True)
+                    host.copy_(prob, non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record()
+                else:
+                    host = prob
+                timing.compute_s += time.perf_counter() - t0
                 if pending is not None:
-                    flush(pending)
-                    bar.update(len(pending[0]))
+                    yield finish(pending)
+                pending = (int(batch["index"][0]), host, event)
+                t_wait = time.perf_counter()
+            if pending is not None:
+                yield finish(pending)
+    finally:
+        dataset.close()
+
+
+def _check_settings(params: InferParams, device: torch.device, slide_id: str) -> bool:
+    """Whether mixed precision is used (only on CUDA; a warning otherwise)."""
+    if params.amp and device.type != "cuda":
+        log.warning(
+            "%s: mixed precision is only used on CUDA; running float32 on %s", slide_id, device
+        )
+        return False
+    return params.amp
+
+
+# -- the stage -------------------------------------------------------------------------------------
+def infer(
+    slide: str | Path,
+    rois: str | Path,
+    model: str | Path,
+    out_tiles: str | Path,
+    params: InferParams,
+    *,
+    slide_id: str,
+) -> dict[str, Any]:
+    """Stage ``infer``: run the model densely over every block of ``rois`` -> ``tiles.h5``.
+
+    Reads the grid and checks the slide against it, loads the model and checks that it scans the
+    grid's geometry, streams the tiles of :func:`iter_dense_tiles` into ``tiles.h5`` (written
+    atomically) and returns a summary (blocks, seconds waiting for reads, computing and writing).
+    """
+    t_start = time.perf_counter()
+    grid = read_rois(rois, slide_id)
+    check_slide_fits(slide, grid, rois)
+    device = resolve_device(params.device)
+    amp = _check_settings(params, device, slide_id)
+    net, model_attrs = load_scan_model(model, grid.geometry, device)
+    geometry = grid.geometry
+    log.info(
+        "%s: %d blocks of %d px -> tiles %dx%d at stride %d px (model %s width %g, %s, %s%s)",
+        slide_id,
+        grid.n_blocks,
+        geometry.block_side,
+        geometry.tile_side,
+        geometry.tile_side,
+        geometry.Sd,
+        net.arch,
+        net.width,
+        params.dense_mode,
+        device,
+        ", amp" if amp else "",
+    )
+    timing = ScanTiming()
+    write_s = 0.0
+    provenance = {**model_attrs, "dense_mode": params.dense_mode, "amp": amp, "device": device.type}
+    try:
+        with (
+            write_tiles(out_tiles, grid, provenance, params.tile_dtype) as out,
+            _progress(grid.n_blocks, slide_id) as bar,
+        ):
+            for start, tiles in iter_dense_tiles(
+                net,
+                slide,
+                grid,
+                batch_size=params.batch_size,
+                workers=params.workers,
+                device=device,
+                amp=amp,
+                dense_mode=params.dense_mode,
+                timing=timing,
+            ):
+                t0 = time.perf_counter()
+                out.write(start, tiles)
+                write_s += time.perf_counter() - t0
+                bar.update(len(tiles))
     except OutputWriteError as exc:  # disk full, file too large, I/O error
         text = str(exc).strip()
         raise SlideError(
             slide_id,
-            out_h5,
+            out_tiles,
             "cannot write the tiles file (nothing was written): "
             + (text.splitlines()[0] if text else type(exc).__name__),
         ) from exc
-    finally:
-        dataset.close()
-
     wall_s = time.perf_counter() - t_start
     summary = {
         "slide_id": slide_id,
-        "blocks": n_blocks,
-        "tile_side": T,
-        "device": str(dev),
-        "amp": bool(amp),
-        "dense_mode": dense_mode,
-        "model_checksum": model_sha,
-        "model_config": {k: config[k] for k in ("arch", "width", "batchnorm")},
+        "blocks": grid.n_blocks,
+        "tile_side": geometry.tile_side,
+        "device": str(device),
+        "amp": amp,
+        "dense_mode": params.dense_mode,
+        "model_checksum": model_attrs["model_checksum"],
         "wall_s": round(wall_s, 3),
-        "wait_read_s": round(wait_s, 3),
-        "compute_s": round(compute_s, 3),
+        "wait_read_s": round(timing.wait_s, 3),
+        "compute_s": round(timing.compute_s, 3),
         "write_s": round(write_s, 3),
-        "blocks_per_s": round(n_blocks / wall_s, 3) if wall_s > 0 else 0.0,
+        "blocks_per_s": round(grid.n_blocks / wall_s, 3) if wall_s > 0 else 0.0,
     }
     log.info(
         "%s: wrote %s (%d tiles) in %.1f s (waiting for reads %.1f s, compute %.1f s, write %.1f s)",
         slide_id,
-        out_h5,
-        n_blocks,
+        out_tiles,
+        grid.n_blocks,
         wall_s,
-        wait_s,
-        compute_s,
+        timing.wait_s,
+        timing.compute_s,
         write_s,
     )
     return summary

@@ -10,8 +10,7 @@ classifier applied at stride ``Sf``.
 ``log2(alpha)`` pools run with stride 1 and every later layer is dilated, so the same weights give
 the map at stride ``Sd = Sf/alpha`` in one pass.
 
-Checkpoints hold tensors plus a plain-typed config and load with ``torch.load(...,
-weights_only=True)`` only.
+Checkpoints (``model.pt``) are :mod:`wsiscan.formats.checkpoint`.
 
 Input images are normalised by :func:`to_tensor` (ImageNet mean/std) in every path: inference,
 training and the tests.
@@ -19,11 +18,7 @@ training and the tests.
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
-import pickle
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,27 +28,16 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (the usual torch alias)
 from torch import nn
 
-from . import __version__
-from .errors import WsiscanError
+from .errors import CheckpointError
+from .formats.checkpoint import read_torch_file, save_checkpoint
 from .geometry import ARCHITECTURES, Geometry, LayerSpec, receptive_field
+from .params import SETTINGS, InitModelParams
 
 #: ImageNet channel mean and standard deviation (RGB, on values scaled to [0, 1]).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-#: Format tag written into every checkpoint's config.
-CHECKPOINT_FORMAT = "wsiscan-scannet/1"
-
 N_CLASSES = 2
-
-
-class CheckpointError(WsiscanError):
-    """A model checkpoint (or an ImageNet weight file) cannot be used; names the file and cause."""
-
-    def __init__(self, path: str | Path, cause: str) -> None:
-        self.path = str(path)
-        self.cause = cause
-        super().__init__(f"model file {self.path}: {cause}")
 
 
 # -- input normalisation ---------------------------------------------------------------------------
@@ -113,7 +97,11 @@ class ScanNet(nn.Module):
     """
 
     def __init__(
-        self, arch: str = "vgg16", width: float = 1.0, batchnorm: bool = True, dropout: float = 0.5
+        self,
+        arch: str = SETTINGS["scan.arch"].default,
+        width: float = SETTINGS["model.width"].default,
+        batchnorm: bool = SETTINGS["model.batchnorm"].default,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if arch not in ARCHITECTURES:
@@ -274,27 +262,6 @@ def tumour_probability(logits: torch.Tensor) -> torch.Tensor:
 
 
 # -- torchvision ImageNet weights ------------------------------------------------------------------
-def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(path, "file not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", str(exc))
-        what = f"it holds the Python object {found.group(1)}" if found else "pickled objects?"
-        raise CheckpointError(
-            path, f"refused: the file does not load with torch.load(weights_only=True) ({what})"
-        )
-    except Exception as exc:  # torch raises many types for a file that is not a torch archive
-        raise CheckpointError(
-            path, f"not a readable torch file ({type(exc).__name__}: {str(exc)[:200]})"
-        )
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(path, f"expected a dict, found {type(obj).__name__}")
-    return obj  # type: ignore[return-value]
-
-
 def load_torchvision_vgg16(model: ScanNet, path: str | Path) -> list[str]:
     """Load a torchvision-format VGG16 or VGG16-BN ImageNet state dict (local file) into the trunk.
 
@@ -305,7 +272,7 @@ def load_torchvision_vgg16(model: ScanNet, path: str | Path) -> list[str]:
     classifier is a 25088->4096 linear layer, not ScanNet's 2x2 conv. Shapes must match, which
     needs ``width = 1``. Returns the model's state-dict keys that were loaded.
     """
-    src = _read_state_dict(path)
+    src = read_torch_file(path)
     if "state_dict" in src and isinstance(src["state_dict"], Mapping):
         src = src["state_dict"]
     src = {k.removeprefix("module."): v for k, v in src.items() if isinstance(v, torch.Tensor)}
@@ -380,149 +347,28 @@ def load_torchvision_vgg16(model: ScanNet, path: str | Path) -> list[str]:
     return loaded
 
 
-# -- checkpoints -----------------------------------------------------------------------------------
-def file_checksum(path: str | Path) -> str:
-    """SHA-256 hex digest of a file's bytes (read in 1 MiB blocks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _plain(value: Any, where: str) -> Any:
-    """Return ``value`` as plain Python types (numpy scalars converted); reject anything else."""
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Mapping):
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise TypeError(f"checkpoint meta key {where}.{k!r} must be a string")
-            out[k] = _plain(v, f"{where}.{k}")
-        return out
-    if isinstance(value, list | tuple):
-        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    raise TypeError(
-        f"checkpoint meta {where} is a {type(value).__name__}; only plain types "
-        "(dict, list, str, int, float, bool, None) are allowed"
-    )
-
-
-def save_checkpoint(path: str | Path, model: ScanNet, meta: Mapping[str, Any] | None = None) -> str:
-    """Write ``{"state_dict", "config"}`` atomically to ``path``; return the file's SHA-256 hex.
-
-    ``config`` = :meth:`ScanNet.config` + ``format`` + ``wsiscan_version`` + ``meta`` (training
-    metadata, plain types only, stored under ``config["meta"]``). Tensors are saved on the CPU,
-    so the file loads with ``torch.load(path, weights_only=True)`` anywhere.
-    """
-    path = Path(path)
-    config = model.config()
-    config["format"] = CHECKPOINT_FORMAT
-    config["wsiscan_version"] = __version__
-    config["meta"] = _plain(dict(meta or {}), "meta")
-    state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save({"state_dict": state, "config": config}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return file_checksum(path)
-
-
-def load_checkpoint(
-    path: str | Path, map_location: str | torch.device = "cpu"
-) -> tuple[ScanNet, dict[str, Any]]:
-    """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True`` only).
-
-    Returns ``(model in eval mode on map_location, config)``. A pickle payload, a file of another
-    format, an unknown architecture or mismatched shapes raise :class:`CheckpointError` naming the
-    file and the cause.
-    """
-    obj = _read_state_dict(path)
-    config, state = obj.get("config"), obj.get("state_dict")
-    if not isinstance(config, Mapping) or not isinstance(state, Mapping):
-        raise CheckpointError(
-            path, "not a wsiscan checkpoint (expected keys 'state_dict' and 'config')"
-        )
-    config = dict(config)
-    if config.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(
-            path, f"checkpoint format {config.get('format')!r}, expected {CHECKPOINT_FORMAT!r}"
-        )
-    arch = config.get("arch")
-    if arch not in ARCHITECTURES:
-        raise CheckpointError(
-            path, f"unknown architecture {arch!r}; this wsiscan knows {sorted(ARCHITECTURES)}"
-        )
-    try:
-        model = ScanNet(
-            arch=arch,
-            width=float(config["width"]),
-            batchnorm=bool(config["batchnorm"]),
-            dropout=float(config.get("dropout", 0.5)),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(path, f"invalid model config {config!r}: {exc}")
-    geo = config.get("geometry") or {}
-    if (geo.get("Lf"), geo.get("Sf")) != (model.Lf, model.Sf):
-        raise CheckpointError(
-            path,
-            f"geometry Lf={geo.get('Lf')}, Sf={geo.get('Sf')} in the file differs from "
-            f"{arch}'s Lf={model.Lf}, Sf={model.Sf} in this wsiscan",
-        )
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise CheckpointError(
-            path,
-            f"state dict does not fit {arch} width={model.width} batchnorm={model.batchnorm}: "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}",
-        )
-    for key, value in state.items():
-        if tuple(value.shape) != tuple(own[key].shape):
-            raise CheckpointError(
-                path,
-                f"tensor {key} has shape {tuple(value.shape)} in the file but "
-                f"{tuple(own[key].shape)} in {arch} width={model.width}",
-            )
-    model.load_state_dict(state)
-    model.to(map_location)
-    model.eval()
-    return model, config
-
-
-def init_model_checkpoint(
-    out: str | Path,
-    arch: str = "vgg16",
-    width: float = 1.0,
-    batchnorm: bool = True,
-    seed: int = 0,
-    imagenet_weights: str | Path | None = None,
+def init_model(
+    out_model: str | Path, params: InitModelParams, *, imagenet_weights: str | Path | None = None
 ) -> dict[str, Any]:
-    """Write an untrained model checkpoint: random init from ``seed``, optionally ImageNet trunk.
+    """Stage ``init_model``: an untrained checkpoint (``train.rounds: 0``), random from
+    ``params.seed`` or with the trunk of a torchvision VGG16(-BN) state dict file.
 
-    Used when training is off. Returns ``{"path", "sha256", "loaded_keys", ...}``.
+    Returns ``{"path", "sha256", "loaded_keys", ...}``.
     """
-    torch.manual_seed(int(seed))
-    model = ScanNet(arch=arch, width=width, batchnorm=batchnorm)
+    from .fileio import sha256_file
+
+    torch.manual_seed(int(params.seed))
+    model = ScanNet(arch=params.arch, width=params.width, batchnorm=params.batchnorm)
     loaded: list[str] = []
-    meta: dict[str, Any] = {"init": "random", "seed": int(seed), "trained": False}
+    meta: dict[str, Any] = {"init": "random", "seed": int(params.seed), "trained": False}
     if imagenet_weights is not None:
         loaded = load_torchvision_vgg16(model, imagenet_weights)
-        meta.update(
-            init="imagenet",
-            imagenet_weights=str(imagenet_weights),
-            imagenet_sha256=file_checksum(imagenet_weights),
-        )
-    sha = save_checkpoint(out, model, meta)
-    return {"path": str(out), "sha256": sha, "loaded_keys": len(loaded), **model.config(), **meta}
+        meta.update(init="imagenet", imagenet_sha256=sha256_file(imagenet_weights))
+    sha = save_checkpoint(out_model, model, meta)
+    return {
+        "path": str(out_model),
+        "sha256": sha,
+        "loaded_keys": len(loaded),
+        **model.config(),
+        **meta,
+    }

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from .detect import atomic_output
+from .config import SHEET_COLUMNS as COLUMNS
 from .errors import ConfigError
+from .fileio import atomic_write
 from .slide import check_slide_id
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["slide_id", "path", "annotation", "label", "split"]
 SLIDE_SUFFIXES = (".tif", ".tiff")
 _LABEL_WORDS = {"tumor": "tumor", "tumour": "tumor", "normal": "normal", "negative": "normal"}
 
@@ -139,8 +139,8 @@ def build_camelyon16_sheet(
     counts = df.groupby(["split", "label"]).size().to_dict()
     log.info("Camelyon16 sheet: %d slides %s", len(df), counts)
     if out_tsv is not None:
-        with atomic_output(out_tsv) as tmp:
-            df.to_csv(tmp, sep="\t", index=False)
+        with atomic_write(out_tsv) as fh:
+            df.to_csv(fh, sep="\t", index=False)
     return df
 
 

@@ -74,28 +74,32 @@ class Slide:
             raise SlideError(self.slide_id, self.path, f"{what}: {exc}")
         except OSError as exc:  # e.g. permission denied
             raise SlideError(self.slide_id, self.path, f"cannot open slide: {exc}")
-        self.mpp = self._resolve_mpp(mpp_fallback)
+        self._mpp_fallback = mpp_fallback
+        self._mpp: float | None = None
+
+    @property
+    def mpp(self) -> float:
+        """Level-0 microns per pixel: the file's, else ``mpp_fallback`` (resolved on first use).
+
+        A file without a resolution, or with one outside :data:`wsiscan.params.PLAUSIBLE_MPP`
+        (a 72 dpi TIFF says 352.8 um/px), uses the fallback (logged) or fails naming
+        ``slide.mpp_fallback``; non-square pixels fail.
+        """
+        if self._mpp is None:
+            self._mpp = self._resolve_mpp(self._mpp_fallback)
+        return self._mpp
 
     def _resolve_mpp(self, fallback: float | None) -> float:
-        props = self._osr.properties
-        values = []
-        for key in ("openslide.mpp-x", "openslide.mpp-y"):
-            with contextlib.suppress(KeyError, ValueError):
-                values.append(float(props[key]))
-        if values and all(v > 0 for v in values):
-            if len(values) == 2 and abs(values[0] - values[1]) > 0.01 * values[0]:
-                raise SlideError(
-                    self.slide_id,
-                    self.path,
-                    f"non-square pixels: mpp-x {values[0]}, mpp-y {values[1]}",
-                )
-            return float(np.mean(values))
+        own, problem = mpp_from_properties(self._osr.properties)
+        if own is not None:
+            return own
+        if problem.startswith("non-square"):
+            raise SlideError(self.slide_id, self.path, problem)
         if fallback is not None and fallback > 0:
+            log.info("%s: %s; using slide.mpp_fallback %g um/px", self.slide_id, problem, fallback)
             return float(fallback)
         raise SlideError(
-            self.slide_id,
-            self.path,
-            "no microns-per-pixel (mpp) in the file; set slide.mpp_fallback in the config",
+            self.slide_id, self.path, f"{problem}; set slide.mpp_fallback in the config"
         )
 
     # -- pyramid ---------------------------------------------------------------------------------
@@ -186,7 +190,41 @@ class Slide:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Slide({self.slide_id!r}, {self.dimensions}, mpp={self.mpp:.4g})"
+        return f"Slide({self.slide_id!r}, {self.dimensions}, {self.path})"
+
+
+def mpp_from_properties(props: Any) -> tuple[float | None, str]:
+    """The level-0 resolution (um/px) in OpenSlide ``properties``: ``(mpp, "")``, or ``(None,
+    why not)`` when it is missing, implausible or not square."""
+    from .params import PLAUSIBLE_MPP
+
+    values = []
+    for key in ("openslide.mpp-x", "openslide.mpp-y"):
+        with contextlib.suppress(KeyError, ValueError):
+            values.append(float(props[key]))
+    values = [v for v in values if np.isfinite(v) and v > 0]
+    if not values:
+        return None, "no microns-per-pixel (mpp) in the file"
+    if len(values) == 2 and abs(values[0] - values[1]) > 0.01 * values[0]:
+        return None, f"non-square pixels: mpp-x {values[0]}, mpp-y {values[1]}"
+    mpp = float(np.mean(values))
+    low, high = PLAUSIBLE_MPP
+    if not low <= mpp <= high:
+        return None, (
+            f"the file's resolution {mpp:g} um/px is not a slide's (plausible: {low}-{high} um/px)"
+        )
+    return mpp, ""
+
+
+def file_mpp(path: str | Path) -> float | None:
+    """The plausible level-0 resolution a slide file carries, or None (also when unreadable)."""
+    import openslide
+
+    try:
+        with openslide.OpenSlide(str(path)) as osr:
+            return mpp_from_properties(osr.properties)[0]
+    except (openslide.OpenSlideError, OSError):
+        return None
 
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")

@@ -1,17 +1,9 @@
 """The ``stitch`` stage: dense tiles into the slide-level probability map and lesion mask.
 
-``probmap.h5``:
-
-* ``prob`` float32 ``(ceil(H/Sd), ceil(W/Sd))``: map cell ``(i, j)`` covers level-0 pixels
-  ``[j*Sd, (j+1)*Sd) x [i*Sd, (i+1)*Sd)`` and holds the tumour probability of the ``Lf`` patch
-  centred on the cell centre; 0 where no block was scanned (no tissue).
-* ``mask`` uint8: ``prob >= threshold`` followed by a binary opening then closing with disks of
-  radius ``opening_um`` / ``closing_um`` (converted to cells by ``Sd * mpp``; 0 = off). The
-  image border does not erode or dilate (``mode="ignore"``).
-* attributes: ``stride_px`` (= Sd, level-0 px per cell), ``origin_level0_xy`` (0, 0), ``mpp``
-  (level-0 um/px), ``slide_width``, ``slide_height``, ``slide_id``, the geometry attributes and
-  ``geometry_checksum``, ``model_checksum``, ``threshold``, ``opening_um``, ``closing_um``, the
-  radii in cells, ``wsiscan_version``.
+The map and its layout are :mod:`wsiscan.formats.probmap`; the mask is ``prob >= threshold``
+followed by a binary opening then closing with disks of radius ``opening_radius_um`` /
+``closing_radius_um`` (converted to cells by ``Sd * mpp``; 0 = off). The image border does not
+erode or dilate (``mode="ignore"``).
 
 Memory stays bounded by the slide *width*: tiles are placed one strip of block rows at a time
 into a chunked HDF5 dataset, and the mask is computed strip by strip with a halo of rows wide
@@ -22,25 +14,22 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 
 from . import __version__
 from .errors import SlideError
-from .faults import OutputWriteError, atomic_h5, h5_attrs, quarantine
-from .geometry import Geometry
-from .slide import check_slide_id
+from .fileio import OutputWriteError, atomic_write
+from .formats.probmap import write_probmap
+from .formats.tiles import TilesFile, TilesHeader, open_tiles
+from .params import StitchParams
 
 log = logging.getLogger(__name__)
 
-DEFAULT_THRESHOLD = 0.5
-DEFAULT_OPENING_UM = 8.0
-DEFAULT_CLOSING_UM = 16.0
 #: Target resolution of the QC thumbnail in um/px and its largest side in pixels.
 QC_TARGET_MPP = 12.0
 QC_MAX_SIDE = 2000
@@ -97,53 +86,6 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def read_tiles_meta(tiles_h5: str | Path, slide_id: str) -> tuple[dict[str, Any], Geometry]:
-    """Attributes and geometry of ``tiles.h5``; :class:`SlideError` naming the file when unusable."""
-    tiles_h5 = Path(tiles_h5)
-    if not tiles_h5.is_file():
-        raise SlideError(slide_id, tiles_h5, "tiles file not found")
-    try:
-        with h5py.File(tiles_h5, "r") as f:
-            attrs = h5_attrs(f)
-            shapes = {k: f[k].shape for k in ("tiles", "grid_xy") if k in f}
-    except (OSError, KeyError, RuntimeError) as exc:
-        raise quarantine(tiles_h5, slide_id, "tiles file is not a readable HDF5 file", exc)
-    if set(shapes) != {"tiles", "grid_xy"}:
-        raise SlideError(slide_id, tiles_h5, "tiles file lacks the datasets tiles and grid_xy")
-    if attrs.get("slide_id") != slide_id:
-        raise SlideError(
-            slide_id, tiles_h5, f"tiles file belongs to slide {attrs.get('slide_id')!r}"
-        )
-    missing = [
-        k for k in ("slide_width", "slide_height", "mpp", "model_checksum") if k not in attrs
-    ]
-    if missing:
-        raise SlideError(slide_id, tiles_h5, f"tiles file lacks attributes {missing}")
-    try:
-        geometry = Geometry.from_attrs(attrs)
-    except (KeyError, ValueError) as exc:
-        raise SlideError(slide_id, tiles_h5, f"tiles file geometry is invalid: {exc}")
-    n, t = shapes["grid_xy"][0], geometry.tile_side
-    if shapes["tiles"] != (n, t, t) or shapes["grid_xy"] != (n, 2):
-        raise SlideError(
-            slide_id,
-            tiles_h5,
-            f"tiles {shapes['tiles']} / grid_xy {shapes['grid_xy']} do not fit tile side {t}",
-        )
-    return attrs, geometry
-
-
-def _write_png_atomic(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def slide_thumbnail(slide, target_mpp: float = QC_TARGET_MPP, max_side: int = QC_MAX_SIDE):
     """RGB uint8 thumbnail near ``target_mpp`` (finer for small slides), read in bands.
 
@@ -172,7 +114,30 @@ def slide_thumbnail(slide, target_mpp: float = QC_TARGET_MPP, max_side: int = QC
     return thumb, (W / thumb.shape[1], H / thumb.shape[0])
 
 
-def _qc_heatmap(
+def write_heatmap(
+    png: str | Path, prob_ds, header: TilesHeader, threshold: float, thumb: np.ndarray | None
+) -> None:
+    """The QC heat map (probability over the thumbnail) as a PNG; :class:`SlideError` when it
+    cannot be written."""
+    try:
+        _draw_heatmap(
+            Path(png),
+            prob_ds,
+            header.geometry.Sd,
+            header.slide_wh,
+            header.slide_id,
+            threshold,
+            thumb,
+        )
+    except OSError as exc:
+        raise SlideError(
+            header.slide_id,
+            png,
+            f"cannot write the QC heat map (nothing was written): {_first_line(exc)}",
+        ) from exc
+
+
+def _draw_heatmap(
     png: Path,
     prob_ds,
     stride_px: int,
@@ -229,176 +194,196 @@ def _qc_heatmap(
         ax.set_ylabel("level-0 y (px)")
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="tumour probability")
         fig.tight_layout()
-        _write_png_atomic(fig, png)
+        with atomic_write(png) as fh:
+            fig.savefig(fh, format="png", dpi=100, bbox_inches="tight")
     finally:
         plt.close(fig)
 
 
+# -- the parts of the stage ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MapLayout:
+    """The map of a slide: ``rows x cols`` cells at ``stride_px``, strips of whole block rows, the
+    morphology radii in cells."""
+
+    rows: int
+    cols: int
+    stride_px: int
+    tile_side: int
+    block_rows_per_strip: int
+    open_r: int
+    close_r: int
+
+    @property
+    def strip_rows(self) -> int:
+        return self.block_rows_per_strip * self.tile_side
+
+
+def map_layout(header: TilesHeader, params: StitchParams, strip_rows: int | None) -> MapLayout:
+    """The layout of the map of ``header``'s slide for ``params`` (strips of at least
+    ``strip_rows`` map rows, rounded up to whole block rows)."""
+    W, H = header.slide_wh
+    sd, t = header.geometry.Sd, header.geometry.tile_side
+    cell_um = sd * header.mpp
+    return MapLayout(
+        rows=math.ceil(H / sd),
+        cols=math.ceil(W / sd),
+        stride_px=sd,
+        tile_side=t,
+        block_rows_per_strip=max(1, math.ceil((strip_rows or MIN_STRIP_ROWS) / t)),
+        open_r=radius_cells(params.opening_radius_um, cell_um),
+        close_r=radius_cells(params.closing_radius_um, cell_um),
+    )
+
+
+def read_thumbnail(slide_path: str | Path | None, header: TilesHeader, tiles: Path):
+    """The QC thumbnail of the slide (None without ``slide_path``); the slide must have the size
+    the tiles were made for."""
+    if slide_path is None:
+        return None
+    from .slide import open_slide
+
+    with open_slide(slide_path, header.slide_id, mpp_fallback=header.mpp) as slide:
+        if tuple(slide.dimensions) != header.slide_wh:
+            W, H = header.slide_wh
+            raise SlideError(
+                header.slide_id,
+                tiles,
+                f"tiles were made for a {W}x{H} slide, but {slide_path} is "
+                f"{slide.dimensions[0]}x{slide.dimensions[1]}",
+            )
+        thumb, _ = slide_thumbnail(slide)
+    return thumb
+
+
+def place_tiles(src: TilesFile, prob_out: Any, layout: MapLayout, check_writes: Any) -> dict:
+    """Write every tile of ``src`` into ``prob_out`` (rows x cols), strip by strip; tiles outside
+    the map are skipped with a warning, a block given twice is an error. Returns counts and the
+    maximum probability."""
+    grid_xy = src.grid_xy
+    slide_id, T = src.header.slide_id, layout.tile_side
+    rows, cols = layout.rows, layout.cols
+    if len(np.unique(grid_xy, axis=0)) != len(grid_xy):
+        raise SlideError(slide_id, src.path, "tiles file holds the same block twice")
+    bx_all, by_all = grid_xy[:, 0], grid_xy[:, 1]
+    inside = (bx_all >= 0) & (by_all >= 0) & (bx_all * T < cols) & (by_all * T < rows)
+    skipped = int((~inside).sum())
+    if skipped:
+        log.warning("%s: %d tiles lie outside the slide map, skipped", slide_id, skipped)
+    kept = np.flatnonzero(inside)
+    order = kept[np.lexsort((bx_all[kept], by_all[kept]))]  # by row (by), then bx
+    strip_of = by_all[order] // layout.block_rows_per_strip
+    placed, max_prob, strip_h = 0, 0.0, layout.strip_rows
+    for r0 in range(0, rows, strip_h):
+        r1 = min(rows, r0 + strip_h)
+        buffer = np.zeros((r1 - r0, cols), np.float32)
+        lo, hi = np.searchsorted(strip_of, [r0 // strip_h, r0 // strip_h + 1])
+        for k in order[lo:hi]:
+            bx, by = int(bx_all[k]), int(by_all[k])
+            y0, x0 = by * T - r0, bx * T
+            h, w = min(T, (r1 - r0) - y0), min(T, cols - x0)
+            buffer[y0 : y0 + h, x0 : x0 + w] = src.tile(int(k), h, w)
+            placed += 1
+        prob_out[r0:r1] = buffer
+        check_writes()  # a failed write (disk full) stops the run here
+        max_prob = max(max_prob, float(buffer.max(initial=0.0)))
+    return {"placed": placed, "skipped": skipped, "max_prob": max_prob}
+
+
+def probmap_attrs(
+    header: TilesHeader, layout: MapLayout, params: StitchParams, placed: int
+) -> dict[str, Any]:
+    """The attributes of ``probmap.h5`` (see :mod:`wsiscan.formats.probmap`)."""
+    geometry = header.geometry
+    W, H = header.slide_wh
+    attrs: dict[str, Any] = dict(geometry.as_attrs())
+    attrs.update(
+        geometry_checksum=geometry.checksum(),
+        stride_px=layout.stride_px,
+        origin_level0_xy=np.array([0, 0], np.int64),
+        level=0,
+        downsample=float(layout.stride_px),
+        mpp=header.mpp,
+        slide_width=W,
+        slide_height=H,
+        slide_id=header.slide_id,
+        model_checksum=header.model_checksum,
+        dense_mode=str(header.attrs.get("dense_mode", "")),
+        threshold=float(params.threshold),
+        opening_radius_um=float(params.opening_radius_um),
+        closing_radius_um=float(params.closing_radius_um),
+        opening_radius_cells=layout.open_r,
+        closing_radius_cells=layout.close_r,
+        n_tiles=placed,
+        wsiscan_version=__version__,
+    )
+    return attrs
+
+
 # -- stage ---------------------------------------------------------------------------------------
-def stitch_slide(
-    tiles_h5: str | Path,
-    out_h5: str | Path,
-    qc_png: str | Path | None,
+def stitch(
+    slide: str | Path | None,
+    tiles: str | Path,
+    out_probmap: str | Path,
+    out_qc: str | Path | None,
+    params: StitchParams,
     *,
-    slide_path: str | Path | None,
     slide_id: str,
-    threshold: float = DEFAULT_THRESHOLD,
-    opening_um: float = DEFAULT_OPENING_UM,
-    closing_um: float = DEFAULT_CLOSING_UM,
-    mpp_fallback: float | None = None,
     strip_rows: int | None = None,
 ) -> dict[str, Any]:
-    """Stitch ``tiles.h5`` into ``probmap.h5`` (``prob`` + ``mask``) and draw the QC heat map.
+    """Stage ``stitch``: ``tiles.h5`` -> ``probmap.h5`` (``prob`` + ``mask``) and the QC heat map.
 
     Tiles are placed block row by block row (cropped at the slide edge) into a chunked,
-    compressed HDF5 dataset; peak memory grows with the slide width, not its area.
-    ``threshold`` is a probability; ``opening_um``/``closing_um`` are radii in um (0 = off).
-    ``qc_png`` (the heat map over a slide thumbnail of ~12 um/px) needs ``slide_path``; either
-    may be None to skip the picture. ``strip_rows`` (map rows per strip, rounded up to whole
-    block rows) is for tests. Returns a summary.
+    compressed HDF5 dataset; peak memory grows with the slide width, not its area. The heat map
+    (over a slide thumbnail of ~12 um/px) needs ``slide``; either may be None to skip the
+    picture. ``strip_rows`` (map rows per strip, rounded up to whole block rows) is for tests.
+    Returns a summary.
     """
     t_start = time.perf_counter()
-    check_slide_id(slide_id)
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be a probability in [0, 1], got {threshold}")
-    attrs, geometry = read_tiles_meta(tiles_h5, slide_id)
-    W, H = int(attrs["slide_width"]), int(attrs["slide_height"])
-    mpp = float(attrs["mpp"])
-    sd, T = geometry.Sd, geometry.tile_side
-    rows, cols = math.ceil(H / sd), math.ceil(W / sd)
-    cell_um = sd * mpp
-    open_r, close_r = radius_cells(opening_um, cell_um), radius_cells(closing_um, cell_um)
-
-    thumb = None
-    if slide_path is not None:
-        from .slide import open_slide
-
-        with open_slide(slide_path, slide_id, mpp_fallback) as slide:
-            if tuple(slide.dimensions) != (W, H):
-                raise SlideError(
-                    slide_id,
-                    tiles_h5,
-                    f"tiles were made for a {W}x{H} slide, but {slide_path} is "
-                    f"{slide.dimensions[0]}x{slide.dimensions[1]}",
-                )
-            if qc_png is not None:
-                thumb, _ = slide_thumbnail(slide)
-
-    block_rows_per_strip = max(1, math.ceil((strip_rows or MIN_STRIP_ROWS) / T))
-    strip_h = block_rows_per_strip * T
-    out_h5 = Path(out_h5)
-    placed = skipped = mask_cells = 0
-    max_prob = 0.0
-
-    def read(dataset, index) -> np.ndarray:
-        """``dataset[index]``; unreadable (corrupt) data moves the tiles file aside."""
-        try:
-            return dataset[index]
-        except (OSError, KeyError, RuntimeError) as exc:
-            raise quarantine(tiles_h5, slide_id, "tiles file has unreadable data", exc)
-
+    tiles = Path(tiles)
     try:
-        # the map is written to <out>.tmp and renamed when complete
-        with h5py.File(tiles_h5, "r") as src, atomic_h5(out_h5) as (dst, check_writes):
-            grid_xy = read(src["grid_xy"], ()).astype(np.int64).reshape(-1, 2)
-            tiles = src["tiles"]
-            chunks = (min(strip_h, rows), min(512, cols))
-            opts = {"chunks": chunks, "compression": "gzip", "compression_opts": 1, "shuffle": True}
-            prob_ds = dst.create_dataset("prob", shape=(rows, cols), dtype=np.float32, **opts)
-            mask_ds = dst.create_dataset("mask", shape=(rows, cols), dtype=np.uint8, **opts)
-
-            if len(np.unique(grid_xy, axis=0)) != len(grid_xy):
-                raise SlideError(slide_id, tiles_h5, "tiles file holds the same block twice")
-            bx_all, by_all = grid_xy[:, 0], grid_xy[:, 1]
-            inside = (bx_all >= 0) & (by_all >= 0) & (bx_all * T < cols) & (by_all * T < rows)
-            skipped = int((~inside).sum())
-            if skipped:
-                log.warning("%s: %d tiles lie outside the slide map, skipped", slide_id, skipped)
-            kept = np.flatnonzero(inside)
-            order = kept[np.lexsort((bx_all[kept], by_all[kept]))]  # by row (by), then bx
-            strip_of = by_all[order] // block_rows_per_strip
-            max_prob = 0.0
-            for r0 in range(0, rows, strip_h):
-                r1 = min(rows, r0 + strip_h)
-                buffer = np.zeros((r1 - r0, cols), np.float32)
-                lo, hi = np.searchsorted(strip_of, [r0 // strip_h, r0 // strip_h + 1])
-                for k in order[lo:hi]:
-                    bx, by = int(bx_all[k]), int(by_all[k])
-                    y0, x0 = by * T - r0, bx * T
-                    h, w = min(T, (r1 - r0) - y0), min(T, cols - x0)
-                    buffer[y0 : y0 + h, x0 : x0 + w] = read(tiles, np.s_[int(k), :h, :w])
-                    placed += 1
-                prob_ds[r0:r1] = buffer
-                check_writes()  # a failed write (disk full) stops the run here
-                max_prob = max(max_prob, float(buffer.max(initial=0.0)))
-
-            mask_cells = mask_in_strips(prob_ds, mask_ds, threshold, open_r, close_r, strip_h)
-            check_writes()
-
-            out_attrs: dict[str, Any] = dict(geometry.as_attrs())
-            out_attrs.update(
-                geometry_checksum=geometry.checksum(),
-                stride_px=sd,
-                origin_level0_xy=np.array([0, 0], np.int64),
-                level=0,
-                downsample=float(sd),
-                mpp=mpp,
-                slide_width=W,
-                slide_height=H,
-                slide_id=slide_id,
-                model_checksum=str(attrs["model_checksum"]),
-                dense_mode=str(attrs.get("dense_mode", "")),
-                threshold=float(threshold),
-                opening_um=float(opening_um),
-                closing_um=float(closing_um),
-                opening_radius_cells=open_r,
-                closing_radius_cells=close_r,
-                n_tiles=placed,
-                wsiscan_version=__version__,
-            )
-            for key, value in out_attrs.items():
-                dst.attrs[key] = value
-            prob_ds.attrs["description"] = (
-                "tumour probability; cell (i, j) covers level-0 [j*s, (j+1)*s) x [i*s, (i+1)*s), "
-                "s = stride_px"
-            )
-            mask_ds.attrs["description"] = "prob >= threshold, opened then closed (disk radii)"
-            if qc_png is not None:
-                try:
-                    _qc_heatmap(Path(qc_png), prob_ds, sd, (W, H), slide_id, threshold, thumb)
-                except OSError as exc:
-                    raise SlideError(
-                        slide_id,
-                        qc_png,
-                        f"cannot write the QC heat map (nothing was written): {_first_line(exc)}",
-                    ) from exc
+        with open_tiles(tiles, slide_id) as src:
+            header = src.header
+            layout = map_layout(header, params, strip_rows)
+            thumb = read_thumbnail(slide, header, tiles) if out_qc is not None else None
+            shape = (layout.rows, layout.cols)
+            with write_probmap(out_probmap, shape, layout.strip_rows) as dst:
+                counts = place_tiles(src, dst.prob, layout, dst.check)
+                mask_cells = mask_in_strips(
+                    dst.prob, dst.mask, params.threshold, layout.open_r, layout.close_r,
+                    layout.strip_rows,
+                )  # fmt: skip
+                dst.check()
+                for key, value in probmap_attrs(header, layout, params, counts["placed"]).items():
+                    dst.attrs[key] = value
+                if out_qc is not None:
+                    write_heatmap(out_qc, dst.prob, header, params.threshold, thumb)
     except OutputWriteError as exc:  # disk full, file too large, I/O error
         raise SlideError(
             slide_id,
-            out_h5,
+            out_probmap,
             f"cannot write the probability map (nothing was written): {_first_line(exc)}",
         ) from exc
-
     summary = {
         "slide_id": slide_id,
-        "shape": (rows, cols),
-        "stride_px": sd,
-        "tiles": placed,
-        "skipped_tiles": skipped,
-        "max_prob": max_prob,
+        "shape": (layout.rows, layout.cols),
+        "stride_px": layout.stride_px,
+        "tiles": counts["placed"],
+        "skipped_tiles": counts["skipped"],
+        "max_prob": counts["max_prob"],
         "mask_cells": mask_cells,
-        "opening_radius_cells": open_r,
-        "closing_radius_cells": close_r,
+        "opening_radius_cells": layout.open_r,
+        "closing_radius_cells": layout.close_r,
         "wall_s": round(time.perf_counter() - t_start, 3),
     }
     log.info(
         "%s: map %dx%d at %d px from %d tiles, max p %.3f, %d mask cells, %.1f s",
         slide_id,
-        rows,
-        cols,
-        sd,
-        placed,
-        max_prob,
+        layout.rows,
+        layout.cols,
+        layout.stride_px,
+        counts["placed"],
+        counts["max_prob"],
         mask_cells,
         summary["wall_s"],
     )

@@ -35,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import tempfile
 import time
 from collections import deque
@@ -43,6 +42,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import imagecodecs
 import numpy as np
@@ -54,16 +54,13 @@ from tqdm import tqdm
 from . import __version__
 from .annotations import EXCLUSION_GROUPS, Annotation, fill_polygon, write_asap_xml
 from .errors import ConfigError
+from .fileio import atomic_write
+from .params import SETTINGS, SynthSlideParams
 from .slide import check_slide_id
 
 log = logging.getLogger(__name__)
 
 # -- demo defaults (config/config.yaml `demo:` mirrors these) -------------------------------------
-DEMO_SEED = 2018
-DEMO_WIDTH_PX = 7000
-DEMO_HEIGHT_PX = 5000
-DEMO_MPP = 0.5
-DEMO_SIZE_JITTER = 0.2
 
 # -- file layout ---------------------------------------------------------------------------------
 TILE_PX = 256
@@ -446,7 +443,7 @@ def plan_slide(
     width_px: int,
     height_px: int,
     mpp: float,
-    size_jitter: float = DEMO_SIZE_JITTER,
+    size_jitter: float = SETTINGS["demo.size_jitter"].default,
 ) -> SlidePlan:
     """Plan one synthetic slide (no pixels yet): deterministic from ``(seed, slide_id)``.
 
@@ -1168,7 +1165,6 @@ def write_pyramid(
     w0, h0 = sizes[0]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
     bigtiff = w0 * h0 * 3 > 2**31
     description = f"wsiscan synthetic slide {plan.slide_id} (seed {plan.seed})"
 
@@ -1224,19 +1220,15 @@ def write_pyramid(
         def gen_page(level: int) -> Iterator[bytes]:
             return level0_tiles() if level == 0 else sinks[level - 1].read_tiles()
 
-        try:
-            write_pages(tmp, sizes, gen_page, plan.mpp, bigtiff, description)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-    os.replace(tmp, out)
+        with atomic_write(out) as fh:
+            write_pages(fh, sizes, gen_page, plan.mpp, bigtiff, description)
     return out.stat().st_size
 
 
-def write_pages(tmp: Path, sizes, gen_page, mpp: float, bigtiff: bool, description: str) -> None:
+def write_pages(out: Any, sizes, gen_page, mpp: float, bigtiff: bool, description: str) -> None:
     """One tiled JPEG page per level (pre-encoded tiles), resolution tags in pixels per cm."""
     w0, h0 = sizes[0]
-    with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tif:
+    with tifffile.TiffWriter(out, bigtiff=bigtiff) as tif:
         for level, (w, h) in enumerate(sizes):
             res = 1e4 / (mpp * w0 / w), 1e4 / (mpp * h0 / h)  # pixels per cm
             tif.write(
@@ -1291,29 +1283,30 @@ def summarize(plan: SlidePlan) -> dict:
 
 
 def synth_slide(
-    slide_id: str,
-    label: str,
-    seed: int,
     out_slide: str | Path,
     out_xml: str | Path,
-    width_px: int = DEMO_WIDTH_PX,
-    height_px: int = DEMO_HEIGHT_PX,
-    mpp: float = DEMO_MPP,
-    size_jitter: float = DEMO_SIZE_JITTER,
-    workers: int = 1,
+    params: SynthSlideParams,
+    *,
+    slide_id: str,
+    label: str,
     progress: bool | None = False,
 ) -> dict:
-    """Write one synthetic slide (pyramidal TIFF) and its ASAP XML; return a summary dict.
+    """Stage ``synth_slide``: one synthetic slide (pyramidal TIFF) and its ASAP XML; returns a
+    summary.
 
     Deterministic: the same arguments give byte-identical files. The level-0 size varies by
     ``+-size_jitter`` around ``width_px x height_px`` (``size_jitter=0`` keeps it exact); ``mpp``
-    is the level-0 resolution in um/px. Normal slides get an XML with no annotations.
+    is the level-0 resolution in um/px; the cohort ``seed`` is mixed with ``slide_id``. Normal
+    slides get an XML with no annotations.
     """
+    p = params
     t0 = time.perf_counter()
-    plan = plan_slide(slide_id, label, seed, width_px, height_px, mpp, size_jitter=size_jitter)
+    plan = plan_slide(
+        slide_id, label, p.seed, p.width_px, p.height_px, p.mpp, size_jitter=p.size_jitter
+    )
     t_plan = time.perf_counter() - t0
     file_bytes = write_pyramid(
-        SlideRenderer(plan), Path(out_slide), workers=workers, progress=progress
+        SlideRenderer(plan), Path(out_slide), workers=p.workers, progress=progress
     )
     write_asap_xml(out_xml, plan.annotations())
     summary = summarize(plan)
@@ -1358,16 +1351,15 @@ def camelyon_scale_slide(
     Same generator as the demo (bounded memory); the XML goes beside ``out`` unless given.
     """
     out = Path(out)
+    params = SynthSlideParams(
+        seed=seed, width_px=width_px, height_px=height_px, mpp=mpp, size_jitter=0.0,
+        workers=workers,
+    )  # fmt: skip
     return synth_slide(
+        out,
+        out_xml if out_xml is not None else out.with_suffix(".xml"),
+        params,
         slide_id=slide_id,
         label=label,
-        seed=seed,
-        out_slide=out,
-        out_xml=out_xml if out_xml is not None else out.with_suffix(".xml"),
-        width_px=width_px,
-        height_px=height_px,
-        mpp=mpp,
-        size_jitter=0.0,
-        workers=workers,
         progress=None,
     )

@@ -4,7 +4,7 @@ The mask is computed on the pyramid level nearest a target resolution (``target_
 on a fixed level index. When that level is still much finer than the target (a single-level slide),
 it is read in horizontal bands and block-averaged to about the target, so memory stays bounded.
 
-Thresholding rule (:func:`tissue_mask`), on an RGB uint8 image whose pixels are ``mpp`` um wide:
+Thresholding rule (:func:`segment_tissue`), on an RGB uint8 image whose pixels are ``mpp`` um wide:
 
 1. Artefacts are set aside first (``artefact_filter=True``): pixels whose HSV value is below
    ``dark_max_value`` (black ink, dirt, slide-edge shadows) and coloured pixels (saturation at least
@@ -22,17 +22,15 @@ Thresholding rule (:func:`tissue_mask`), on an RGB uint8 image whose pixels are 
    less than ``min_contrast`` (feature units, 0-1), the image holds no contrast worth splitting
    (white or tinted glass with noise) and the feature gives no tissue at all, instead of half of
    the background.
-4. Morphology with sizes in micrometres: closing with a disk of diameter ``closing_um`` (bridges
+4. Morphology with sizes in micrometres: closing with a disk of diameter ``closing_diameter_um`` (bridges
    gaps narrower than that), filling of holes smaller than ``hole_area_um2``, removal of pieces
    smaller than ``min_area_um2`` (dust, small debris). Pieces are 8-connected.
 
 Neutral grey dust or ink brighter than ``dark_max_value`` is not saturated, so ``saturation`` and
 ``both`` ignore it; ``grey`` and ``either`` may keep it when it is large.
 
-Files (:func:`compute_tissue_mask`): ``tissue.png`` (0/255, one pixel = ``downsample_x`` x
-``downsample_y`` level-0 pixels from the slide's top-left corner; the last row/column may reach
-past the slide) with its metadata as PNG text chunks (``MASK_META_TYPES`` and the parameters),
-read back by :func:`read_tissue_mask`; and a QC picture, the thumbnail with the mask outline.
+The stage (:func:`tissue_mask`) writes ``tissue.png`` (:mod:`wsiscan.formats.tissue_mask`) and a
+QC picture, the thumbnail with the mask outline.
 """
 
 from __future__ import annotations
@@ -41,14 +39,10 @@ import inspect
 import logging
 import math
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
-from PIL.PngImagePlugin import PngInfo
 from scipy import ndimage as ndi
 from skimage import morphology
 from skimage.filters import threshold_otsu
@@ -56,45 +50,17 @@ from skimage.segmentation import find_boundaries
 from skimage.transform import downscale_local_mean
 
 from . import __version__
-from .errors import SlideError
-from .faults import atomic_file
+from .fileio import atomic_write
+from .formats.tissue_mask import write_tissue_mask
+from .params import TissueMaskParams
 from .slide import Slide, open_slide
 
 log = logging.getLogger(__name__)
 
-METHODS = ("saturation", "grey", "both", "either")
-
-# Defaults chosen for Camelyon16 (0.243 um/px, mask at level 5 ~7.8 um/px) and the demo (~0.5 um/px).
-DEFAULT_TARGET_MPP = 8.0
-DEFAULT_CLOSING_UM = 50.0
-DEFAULT_MIN_AREA_UM2 = 4_000.0  # ~63 x 63 um: drops dust, keeps small tissue fragments
-DEFAULT_HOLE_AREA_UM2 = 50_000.0
-DEFAULT_MIN_SATURATION = 0.05
-DEFAULT_MIN_DARKNESS = 0.10
-DEFAULT_MIN_CONTRAST = 0.05
-DEFAULT_ARTEFACT_HUE_RANGE = (0.20, 0.64)
-DEFAULT_DARK_MAX_VALUE = 0.15
 QC_MAX_SIDE_PX = 1500
 QC_MIN_SIDE_PX = 600
 QC_OUTLINE_RGB = (0, 230, 0)
 BAND_BYTES = 64 * 2**20  # RGB bytes read per band when block-averaging a fine level
-
-# Keys of the tissue.png text chunks and the type each is read back as.
-MASK_META_TYPES: dict[str, type] = {
-    "slide_id": str,
-    "level": int,
-    "level_downsample": float,
-    "reduce_factor": int,
-    "downsample_x": float,
-    "downsample_y": float,
-    "mask_mpp": float,
-    "slide_mpp": float,
-    "slide_width": int,
-    "slide_height": int,
-    "method": str,
-    "tissue_fraction": float,
-    "wsiscan_version": str,
-}
 
 
 # -- pure mask computation -----------------------------------------------------------------------
@@ -182,45 +148,33 @@ def _fill_small_holes(mask: np.ndarray, max_hole_px: int, connectivity: int) -> 
     )
 
 
-def tissue_mask_details(
-    rgb: np.ndarray,
-    mpp: float,
-    *,
-    method: str = "saturation",
-    closing_um: float = DEFAULT_CLOSING_UM,
-    min_area_um2: float = DEFAULT_MIN_AREA_UM2,
-    hole_area_um2: float = DEFAULT_HOLE_AREA_UM2,
-    min_saturation: float = DEFAULT_MIN_SATURATION,
-    min_darkness: float = DEFAULT_MIN_DARKNESS,
-    min_contrast: float = DEFAULT_MIN_CONTRAST,
-    artefact_filter: bool = True,
-    artefact_hue_range: tuple[float, float] = DEFAULT_ARTEFACT_HUE_RANGE,
-    dark_max_value: float = DEFAULT_DARK_MAX_VALUE,
+def segment_tissue(
+    rgb: np.ndarray, mpp: float, params: TissueMaskParams | None = None
 ) -> tuple[np.ndarray, dict[str, float]]:
-    """:func:`tissue_mask` plus a dict of what it found (thresholds, contrasts, artefact pixels)."""
+    """Tissue mask of an RGB uint8 thumbnail whose pixels are ``mpp`` um wide, and what the
+    thresholding found (Otsu thresholds, class contrasts, artefact share, closing radius in px).
+
+    See the module docstring for the rule; ``params`` (default: the config defaults) gives the
+    method, the morphology sizes in um and um^2, and the HSV / luminance floors (0-1). A blank
+    image (no contrast) gives an all-False mask.
+    """
+    params = params or TissueMaskParams()
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[-1] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {rgb.shape} {rgb.dtype}")
     if not mpp > 0:
         raise ValueError(f"mpp must be > 0, got {mpp}")
-    if method not in METHODS:
-        raise ValueError(f"unknown tissue method {method!r}; choose one of {METHODS}")
-    sizes = {"closing_um": closing_um, "min_area_um2": min_area_um2, "hole_area_um2": hole_area_um2}
-    for name, v in sizes.items():
-        if not v >= 0:
-            raise ValueError(f"{name} must be >= 0, got {v}")
-    lo, hi = artefact_hue_range
-    if not 0 <= lo <= hi <= 1:
-        raise ValueError(f"artefact_hue_range must be 0 <= LO <= HI <= 1, got {artefact_hue_range}")
+    p = params
+    lo, hi = p.artefact_hue_range
 
     r, g, b = _channels(rgb)
     sat, value8 = _saturation_value(r, g, b)
     info: dict[str, float] = {}
-    if artefact_filter:
+    if p.artefact_filter:
         # hue only where it means something (coloured pixels): a fraction of the image
-        coloured = np.flatnonzero(sat >= min_saturation)
+        coloured = np.flatnonzero(sat >= p.min_saturation)
         hue = _hue(r.ravel()[coloured], g.ravel()[coloured], b.ravel()[coloured])
-        artefact = value8 < np.float32(dark_max_value * 255)
+        artefact = value8 < np.float32(p.dark_max_value * 255)
         artefact.ravel()[coloured[(hue >= lo) & (hue <= hi)]] = True
     else:
         artefact = np.zeros(sat.shape, dtype=bool)
@@ -228,71 +182,32 @@ def tissue_mask_details(
     info["artefact_fraction"] = float(artefact.mean()) if artefact.size else 0.0
 
     masks = []
-    if method in ("saturation", "both", "either"):
-        m, i = _otsu_foreground(sat, candidates, min_saturation, min_contrast)
+    if p.method in ("saturation", "both", "either"):
+        m, i = _otsu_foreground(sat, candidates, p.min_saturation, p.min_contrast)
         masks.append(m)
         info.update(saturation_threshold=i["threshold"], saturation_contrast=i["contrast"])
-    if method in ("grey", "both", "either"):
+    if p.method in ("grey", "both", "either"):
         # darkness = 1 - luminance (weights of skimage.color.rgb2gray), in float32
         weights = (np.float32(0.2125 / 255), np.float32(0.7154 / 255), np.float32(0.0721 / 255))
         darkness = 1 - (r * weights[0] + g * weights[1] + b * weights[2])
-        m, i = _otsu_foreground(darkness, candidates, min_darkness, min_contrast)
+        m, i = _otsu_foreground(darkness, candidates, p.min_darkness, p.min_contrast)
         masks.append(m)
         info.update(grey_threshold=i["threshold"], grey_contrast=i["contrast"])
     mask = masks[0]
-    if method == "both":
+    if p.method == "both":
         mask = masks[0] & masks[1]
-    elif method == "either":
+    elif p.method == "either":
         mask = masks[0] | masks[1]
 
-    radius_px = math.floor(closing_um / 2 / mpp + 0.5)
+    radius_px = math.floor(p.closing_diameter_um / 2 / mpp + 0.5)
     if radius_px >= 1 and mask.any():
         footprint = morphology.disk(radius_px, decomposition="sequence")
         mask = morphology.closing(mask, footprint)
     px_area_um2 = mpp * mpp
-    mask = _fill_small_holes(mask, int(math.ceil(hole_area_um2 / px_area_um2)), connectivity=1)
-    mask = _remove_small_objects(mask, int(math.ceil(min_area_um2 / px_area_um2)), connectivity=2)
+    mask = _fill_small_holes(mask, int(math.ceil(p.hole_area_um2 / px_area_um2)), connectivity=1)
+    mask = _remove_small_objects(mask, int(math.ceil(p.min_area_um2 / px_area_um2)), connectivity=2)
     info["closing_radius_px"] = float(radius_px)
     return mask.astype(bool, copy=False), info
-
-
-def tissue_mask(
-    rgb: np.ndarray,
-    mpp: float,
-    *,
-    method: str = "saturation",
-    closing_um: float = DEFAULT_CLOSING_UM,
-    min_area_um2: float = DEFAULT_MIN_AREA_UM2,
-    hole_area_um2: float = DEFAULT_HOLE_AREA_UM2,
-    min_saturation: float = DEFAULT_MIN_SATURATION,
-    min_darkness: float = DEFAULT_MIN_DARKNESS,
-    min_contrast: float = DEFAULT_MIN_CONTRAST,
-    artefact_filter: bool = True,
-    artefact_hue_range: tuple[float, float] = DEFAULT_ARTEFACT_HUE_RANGE,
-    dark_max_value: float = DEFAULT_DARK_MAX_VALUE,
-) -> np.ndarray:
-    """Boolean tissue mask of an RGB uint8 thumbnail whose pixels are ``mpp`` um wide.
-
-    See the module docstring for the rule. Sizes: ``closing_um`` disk diameter (um),
-    ``min_area_um2`` / ``hole_area_um2`` areas (um^2); ``min_saturation``, ``min_darkness``,
-    ``min_contrast``, ``artefact_hue_range`` and ``dark_max_value`` are in HSV / luminance units
-    (0-1). A blank image (no contrast) gives an all-False mask.
-    """
-    mask, _ = tissue_mask_details(
-        rgb,
-        mpp,
-        method=method,
-        closing_um=closing_um,
-        min_area_um2=min_area_um2,
-        hole_area_um2=hole_area_um2,
-        min_saturation=min_saturation,
-        min_darkness=min_darkness,
-        min_contrast=min_contrast,
-        artefact_filter=artefact_filter,
-        artefact_hue_range=artefact_hue_range,
-        dark_max_value=dark_max_value,
-    )
-    return mask
 
 
 # -- reading the low-resolution view -------------------------------------------------------------
@@ -342,72 +257,7 @@ def _progress(items: range, desc: str):
     return tqdm(items, desc=desc, unit="band", file=sys.stderr, disable=len(items) < 4)
 
 
-# -- files ---------------------------------------------------------------------------------------
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield ``<path>.tmp`` to write to; on success replace ``path`` with it, else delete it.
-
-    A write error is raised as :class:`wsiscan.faults.OutputWriteError` naming ``path``.
-    """
-    with atomic_file(path) as tmp:
-        yield tmp
-
-
-def write_tissue_mask(path: str | Path, mask: np.ndarray, meta: dict[str, object]) -> None:
-    """Write ``mask`` as a 0/255 PNG with ``meta`` as text chunks, atomically."""
-    info = PngInfo()
-    for key, value in meta.items():
-        info.add_text(key, str(value))
-    img = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L")
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG", pnginfo=info, optimize=True)
-
-
-def read_tissue_mask(
-    path: str | Path, slide_id: str | None = None
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """Read a mask written by :func:`compute_tissue_mask`: ``(bool mask, metadata)``.
-
-    Metadata values are typed (see ``MASK_META_TYPES``); unknown keys are returned as strings.
-    Raises :class:`SlideError` (naming ``slide_id`` and the file) when the file is missing, not
-    a PNG, lacks metadata or does not cover the slide it claims to.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise SlideError(slide_id, path, "tissue mask not found")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            text = dict(getattr(img, "text", {}) or {})
-            arr = np.asarray(img.convert("L"))
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise SlideError(slide_id, path, f"tissue mask is not a readable PNG: {exc}")
-    slide_id = slide_id or text.get("slide_id")
-    missing = [k for k in MASK_META_TYPES if k not in text]
-    if missing:
-        raise SlideError(slide_id, path, f"tissue mask lacks metadata {', '.join(missing)}")
-    meta: dict[str, Any] = dict(text)
-    try:
-        for key, typ in MASK_META_TYPES.items():
-            meta[key] = typ(text[key])
-    except ValueError as exc:
-        raise SlideError(slide_id, path, f"tissue mask metadata is malformed: {exc}")
-    h, w = arr.shape
-    for axis, n_px, ds, side in (
-        ("x", w, meta["downsample_x"], meta["slide_width"]),
-        ("y", h, meta["downsample_y"], meta["slide_height"]),
-    ):
-        covered = n_px * ds
-        if not (side - 1e-6 * side <= covered < side + ds + 1e-6 * side):
-            raise SlideError(
-                slide_id,
-                path,
-                f"tissue mask of {w}x{h} px at downsample_{axis} {ds} covers {covered:.1f} px, "
-                f"not the slide's {side} px",
-            )
-    return arr > 127, meta
-
-
+# -- QC picture ----------------------------------------------------------------------------------
 def qc_picture(rgb: np.ndarray, mask: np.ndarray, max_side_px: int = QC_MAX_SIDE_PX) -> np.ndarray:
     """The thumbnail with the mask outline drawn (about 3 px thick) as RGB uint8.
 
@@ -433,85 +283,79 @@ def qc_picture(rgb: np.ndarray, mask: np.ndarray, max_side_px: int = QC_MAX_SIDE
     return out
 
 
-def compute_tissue_mask(
-    slide_path: str | Path,
-    slide_id: str,
-    out_mask_png: str | Path,
-    out_qc_png: str | Path,
-    *,
-    target_mpp: float = DEFAULT_TARGET_MPP,
-    mpp_fallback: float | None = None,
-    method: str = "saturation",
-    closing_um: float = DEFAULT_CLOSING_UM,
-    min_area_um2: float = DEFAULT_MIN_AREA_UM2,
-    hole_area_um2: float = DEFAULT_HOLE_AREA_UM2,
-    min_saturation: float = DEFAULT_MIN_SATURATION,
-    min_darkness: float = DEFAULT_MIN_DARKNESS,
-    min_contrast: float = DEFAULT_MIN_CONTRAST,
-    artefact_filter: bool = True,
-    artefact_hue_range: tuple[float, float] = DEFAULT_ARTEFACT_HUE_RANGE,
-    dark_max_value: float = DEFAULT_DARK_MAX_VALUE,
-) -> dict[str, object]:
-    """Stage ``tissue_mask``: the slide's tissue mask (PNG + metadata) and its QC picture.
+def write_qc_picture(path: str | Path, rgb: np.ndarray, mask: np.ndarray) -> None:
+    """:func:`qc_picture` of ``rgb`` and ``mask`` as a PNG, atomically."""
+    from PIL import Image
 
-    The mask is computed at about ``target_mpp`` um/px (see :func:`read_low_res`); its metadata
-    (``MASK_META_TYPES`` plus the parameters) is stored as PNG text chunks and returned.
+    with atomic_write(path) as fh:
+        Image.fromarray(qc_picture(rgb, mask)).save(fh, format="PNG")
+
+
+# -- stage -----------------------------------------------------------------------------------------
+def tissue_mask(
+    slide: str | Path,
+    out_mask: str | Path,
+    out_qc: str | Path,
+    params: TissueMaskParams,
+    *,
+    slide_id: str,
+) -> dict[str, object]:
+    """Stage ``tissue_mask``: the slide's tissue mask (``tissue.png`` with its metadata) and the QC
+    picture (thumbnail with the mask outline).
+
+    The mask is computed at about ``params.target_mpp`` um/px (:func:`read_low_res`); the slide's
+    level-0 resolution is resolved here, once (the file's, else ``params.mpp_fallback``), and
+    recorded as ``slide_mpp`` for the later stages. Returns the metadata.
     """
-    with open_slide(slide_path, slide_id=slide_id, mpp_fallback=mpp_fallback) as slide:
-        rgb, view = read_low_res(slide, target_mpp)
-        slide_w, slide_h = slide.dimensions
-        slide_mpp = slide.mpp
+    with open_slide(slide, slide_id=slide_id, mpp_fallback=params.mpp_fallback) as s:
+        slide_mpp = s.mpp
+        rgb, view = read_low_res(s, params.target_mpp)
+        slide_w, slide_h = s.dimensions
     mask_mpp = slide_mpp * (float(view["downsample_x"]) + float(view["downsample_y"])) / 2
-    mask, found = tissue_mask_details(
-        rgb,
-        mask_mpp,
-        method=method,
-        closing_um=closing_um,
-        min_area_um2=min_area_um2,
-        hole_area_um2=hole_area_um2,
-        min_saturation=min_saturation,
-        min_darkness=min_darkness,
-        min_contrast=min_contrast,
-        artefact_filter=artefact_filter,
-        artefact_hue_range=artefact_hue_range,
-        dark_max_value=dark_max_value,
-    )
-    fraction = float(mask.mean())
-    meta: dict[str, object] = {
-        "slide_id": slide_id,
-        **view,
-        "mask_mpp": mask_mpp,
-        "slide_mpp": slide_mpp,
-        "slide_width": slide_w,
-        "slide_height": slide_h,
-        "method": method,
-        "tissue_fraction": fraction,
-        "wsiscan_version": __version__,
-        "closing_um": closing_um,
-        "min_area_um2": min_area_um2,
-        "hole_area_um2": hole_area_um2,
-        "min_saturation": min_saturation,
-        "min_darkness": min_darkness,
-        "min_contrast": min_contrast,
-        "artefact_filter": artefact_filter,
-        "artefact_hue_range": f"{artefact_hue_range[0]},{artefact_hue_range[1]}",
-        "dark_max_value": dark_max_value,
-        **{k: round(v, 6) for k, v in found.items()},
-    }
-    write_tissue_mask(out_mask_png, mask, meta)
-    with atomic_path(out_qc_png) as tmp:
-        Image.fromarray(qc_picture(rgb, mask)).save(tmp, format="PNG")
+    mask, found = segment_tissue(rgb, mask_mpp, params)
+    meta = mask_metadata(slide_id, view, mask, mask_mpp, slide_mpp, (slide_w, slide_h), params)
+    meta.update({k: round(v, 6) for k, v in found.items()})
+    write_tissue_mask(out_mask, mask, meta)
+    write_qc_picture(out_qc, rgb, mask)
     log.info(
         "%s: tissue fraction %.4f (%d of %d mask px at %.3g um/px, level %d, reduce x%d, %s)",
         slide_id,
-        fraction,
+        meta["tissue_fraction"],
         int(mask.sum()),
         mask.size,
         mask_mpp,
         view["level"],
         view["reduce_factor"],
-        method,
+        params.method,
     )
-    if fraction == 0:
+    if not mask.any():
         log.warning("%s: no tissue found (blank slide or no contrast)", slide_id)
+    return meta
+
+
+def mask_metadata(
+    slide_id: str,
+    view: dict[str, Any],
+    mask: np.ndarray,
+    mask_mpp: float,
+    slide_mpp: float,
+    slide_wh: tuple[int, int],
+    params: TissueMaskParams,
+) -> dict[str, object]:
+    """The text chunks of ``tissue.png``: how the mask maps to the slide, and its parameters."""
+    meta: dict[str, object] = {
+        "slide_id": slide_id,
+        **view,
+        "mask_mpp": mask_mpp,
+        "slide_mpp": slide_mpp,
+        "slide_width": int(slide_wh[0]),
+        "slide_height": int(slide_wh[1]),
+        "method": params.method,
+        "tissue_fraction": float(mask.mean()),
+        "wsiscan_version": __version__,
+    }
+    for name, value in params.settings().items():
+        if name not in meta and name != "mpp_fallback":
+            value = getattr(params, name)
+            meta[name] = ",".join(map(str, value)) if isinstance(value, tuple) else value
     return meta

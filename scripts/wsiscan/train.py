@@ -1,7 +1,7 @@
 """Training (stage ``train_round``): the prefetching patch trainer.
 
-Samples and sample tables are :mod:`wsiscan.samples`; hard-negative mining is
-:mod:`wsiscan.mining`; the parameter records are :mod:`wsiscan.params`.
+The patch tables are :mod:`wsiscan.formats.patches` (drawn by :mod:`wsiscan.patches`, mined by
+:mod:`wsiscan.mining`); the settings are :class:`wsiscan.params.TrainRoundParams`.
 
 A :class:`torch.utils.data.DataLoader` whose worker processes (the producers) open the slides
 lazily and read ``Lf x Lf`` level-0 patches centred on the samples (patch top-left = centre -
@@ -18,15 +18,13 @@ depend on the number of loader workers or on resuming.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,19 +32,18 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
-from .geometry import ARCHITECTURES, receptive_field
-from .model import file_checksum
-from .params import AugmentParams, TrainParams
-from .samples import (
+from .fileio import atomic_write, sha256_file, sha256_json, write_json
+from .formats.patches import (
     LABEL_NORMAL,
     LABEL_TUMOUR,
-    SampleTable,
+    PatchTable,
     merge_tables,
-    read_sample_table,
-    stable_rng,
+    read_patch_table,
 )
+from .geometry import ARCHITECTURES, receptive_field
+from .params import TrainRoundParams, result_fields
+from .patches import stable_rng
 from .slide import Slide, open_slide
-from .tissue import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +77,9 @@ def colour_matrix(
     return hue @ m, hue @ t
 
 
-def augment_patch(rgb: np.ndarray, rng: np.random.Generator, params: AugmentParams) -> np.ndarray:
+def augment_patch(
+    rgb: np.ndarray, rng: np.random.Generator, params: TrainRoundParams
+) -> np.ndarray:
     """Randomly flipped / rotated / colour-jittered copy of an RGB uint8 patch (H, W, 3)."""
     out = rgb
     if params.flips and rng.random() < 0.5:
@@ -112,12 +111,11 @@ class PatchDataset(torch.utils.data.Dataset):
 
     def __init__(
         self,
-        table: SampleTable,
+        table: PatchTable,
         patch_px: int,
-        augment: AugmentParams,
+        augment: TrainRoundParams,
         seed: int,
         round_index: int,
-        mpp_fallback: float | None = None,
     ) -> None:
         self.slide_path = list(table.slide_path)
         self.slide_id = list(table.slide_id)
@@ -128,7 +126,6 @@ class PatchDataset(torch.utils.data.Dataset):
         self.augment = augment
         self.seed = int(seed)
         self.round_index = int(round_index)
-        self.mpp_fallback = mpp_fallback
         self._slides: dict[int, Slide] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -142,7 +139,7 @@ class PatchDataset(torch.utils.data.Dataset):
     def _slide(self, i: int) -> Slide:
         slide = self._slides.get(i)
         if slide is None:
-            slide = open_slide(self.slide_path[i], self.slide_id[i], self.mpp_fallback)
+            slide = open_slide(self.slide_path[i], self.slide_id[i])
             self._slides[i] = slide
         return slide
 
@@ -268,16 +265,6 @@ def make_loader(
 
 
 # == trainer =======================================================================================
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; otherwise the named device (checked)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available")
-    return dev
-
-
 def learning_rate(step: int, total_steps: int, base_lr: float, warmup_steps: int) -> float:
     """Linear warm-up over ``warmup_steps``, then cosine decay to 5% of ``base_lr`` at the end."""
     if warmup_steps > 0 and step < warmup_steps:
@@ -287,16 +274,9 @@ def learning_rate(step: int, total_steps: int, base_lr: float, warmup_steps: int
     return base_lr * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def _atomic_json(path: str | Path, obj: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
 def _atomic_torch_save(path: str | Path, obj: Any) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+    with atomic_write(path) as fh:
         torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def _rng_state() -> dict[str, Any]:
@@ -425,8 +405,8 @@ def plot_history(
     ax_acc.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    with atomic_write(out_png) as fh:
+        fig.savefig(fh, format="png", dpi=100)
     plt.close(fig)
 
 
@@ -438,10 +418,10 @@ def _thin(values: list[float], max_points: int = 2000) -> list[float]:
 
 
 @dataclass
-class _TrainingSet:
-    """The merged sample table of one round and its train / validation split (indices)."""
+class TrainingSet:
+    """The merged patch table of one round and its train / validation split (indices)."""
 
-    table: SampleTable
+    table: PatchTable
     is_hard: np.ndarray
     positives: np.ndarray
     negatives: np.ndarray
@@ -450,36 +430,37 @@ class _TrainingSet:
     patch_px: int
 
 
-def _training_set(
-    samples_h5: str | Path, hard_negatives: Sequence[str | Path], params: TrainParams
-) -> _TrainingSet:
-    base = read_sample_table(samples_h5)
-    table, source = merge_tables(base, [read_sample_table(p) for p in hard_negatives])
+def training_set(
+    patches: str | Path,
+    hard_negatives: Sequence[str | Path],
+    params: TrainRoundParams,
+    round_index: int,
+) -> TrainingSet:
+    """The base patches plus the hard negatives of earlier rounds, split by slide into training
+    pools and fixed validation patches; :class:`ConfigError` without training positives."""
+    base = read_patch_table(patches)
+    table, source = merge_tables(base, [read_patch_table(p) for p in hard_negatives])
     arch_lf = receptive_field(ARCHITECTURES[params.arch]())[0]
     lf = int(base.attrs.get("Lf", arch_lf))
     if lf != arch_lf:
-        raise ConfigError(
-            f"{samples_h5}: samples were drawn for Lf={lf}, {params.arch} has {arch_lf}"
-        )
+        raise ConfigError(f"{patches}: patches were drawn for Lf={lf}, {params.arch} has {arch_lf}")
     is_val, is_hard = table.is_val, source > 0
     normal = table.label == LABEL_NORMAL
-    data = _TrainingSet(
+    data = TrainingSet(
         table=table,
         is_hard=is_hard,
         positives=np.flatnonzero(~is_val & (table.label == LABEL_TUMOUR)),
         negatives=np.flatnonzero(~is_val & normal & ~is_hard),
         hard=np.flatnonzero(~is_val & normal & is_hard),
-        val_keys=_validation_keys(table, is_hard, params),
+        val_keys=_validation_keys(table, is_hard, params, round_index),
         patch_px=lf,
     )
     if len(data.positives) == 0:
-        raise ConfigError(
-            f"{samples_h5}: no positive samples on the training (non-validation) slides"
-        )
+        raise ConfigError(f"{patches}: no positive patches on the training (non-validation) slides")
     log.info(
         "round %d: %d train positives, %d negatives, %d hard negatives (from %d tables); "
-        "%d validation samples on %d slides",
-        params.round_index,
+        "%d validation patches on %d slides",
+        round_index,
         len(data.positives),
         len(data.negatives),
         len(data.hard),
@@ -490,52 +471,59 @@ def _training_set(
     return data
 
 
-def _fingerprint(
-    params: TrainParams,
-    samples_h5: str | Path,
-    hard_negatives: Sequence[str | Path],
-    init_checkpoint: str | Path | None,
-    imagenet_weights: str | Path | None,
+def training_fingerprint(
+    params: TrainRoundParams,
+    round_index: int,
+    files: dict[str, str | Path | Sequence[str | Path] | None],
 ) -> str:
-    """SHA-256 of everything that determines the result: a checkpoint resumes only if equal."""
+    """SHA-256 of everything that determines the result (result settings and input files): a
+    resumable state resumes only if it is equal."""
+
+    def digest(value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, str | Path):
+            return sha256_file(value)
+        return [sha256_file(v) for v in value]
+
     blob = {
-        "params": params.fingerprint_fields(),
-        "samples": file_checksum(samples_h5),
-        "hard_negatives": [file_checksum(p) for p in hard_negatives],
-        "init": file_checksum(init_checkpoint) if init_checkpoint else None,
-        "imagenet": file_checksum(imagenet_weights) if imagenet_weights else None,
+        "params": result_fields(params),
+        "round": round_index,
+        **{k: digest(v) for k, v in files.items()},
     }
-    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+    return sha256_json(blob)
 
 
-def _initial_model(
-    params: TrainParams,
-    init_checkpoint: str | Path | None,
+def initial_model(
+    params: TrainRoundParams,
+    round_index: int,
+    init_model: str | Path | None,
     imagenet_weights: str | Path | None,
 ) -> tuple[torch.nn.Module, str]:
     """The round's starting model (fine-tune, ImageNet trunk or seeded random) and its name."""
-    from .model import ScanNet, load_checkpoint, load_torchvision_vgg16
+    from .formats.checkpoint import load_checkpoint
+    from .model import ScanNet, load_torchvision_vgg16
 
-    torch.manual_seed(int(stable_rng(params.seed, params.round_index, "init").integers(2**62)))
+    torch.manual_seed(int(stable_rng(params.seed, round_index, "init").integers(2**62)))
     model = ScanNet(params.arch, params.width, params.batchnorm, dropout=params.dropout)
-    if init_checkpoint:
-        prev, cfg = load_checkpoint(init_checkpoint)
+    if init_model:
+        prev, cfg = load_checkpoint(init_model)
         found = (cfg["arch"], float(cfg["width"]), bool(cfg["batchnorm"]))
         if found != (params.arch, float(params.width), bool(params.batchnorm)):
             raise ConfigError(
-                f"{init_checkpoint}: model {found[0]} width {found[1]} batchnorm {found[2]} "
+                f"{init_model}: model {found[0]} width {found[1]} batchnorm {found[2]} "
                 f"differs from the configured {params.arch} width {params.width} "
                 f"batchnorm {params.batchnorm}"
             )
         model.load_state_dict(prev.state_dict())
-        return model, f"finetune:{init_checkpoint}"
+        return model, f"finetune:{init_model}"
     if imagenet_weights:
         load_torchvision_vgg16(model, imagenet_weights)
         return model, f"imagenet:{imagenet_weights}"
     return model, "random"
 
 
-def _optimizer(model: torch.nn.Module, params: TrainParams) -> torch.optim.Optimizer:
+def _optimizer(model: torch.nn.Module, params: TrainRoundParams) -> torch.optim.Optimizer:
     """AdamW or Nesterov SGD; no weight decay on biases and BatchNorm parameters."""
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
@@ -554,7 +542,8 @@ def _train_epoch(
     scaler: torch.amp.GradScaler,
     loader: torch.utils.data.DataLoader,
     epoch: int,
-    params: TrainParams,
+    params: TrainRoundParams,
+    round_index: int,
     device: torch.device,
     amp_ctx: Callable[[], Any],
 ) -> tuple[dict[str, Any], list[float]]:
@@ -569,7 +558,7 @@ def _train_epoch(
     total_steps = params.epochs * params.steps_per_epoch
     bar = tqdm(
         total=params.steps_per_epoch,
-        desc=f"round {params.round_index} epoch {epoch + 1}/{params.epochs}",
+        desc=f"round {round_index} epoch {epoch + 1}/{params.epochs}",
         unit="batch",
         file=sys.stderr,
         mininterval=5.0,
@@ -594,9 +583,7 @@ def _train_epoch(
         scaler.update()
         value = float(loss.detach())
         if not math.isfinite(value):
-            raise RuntimeError(
-                f"round {params.round_index}: loss became {value} at step {global_step}"
-            )
+            raise RuntimeError(f"round {round_index}: loss became {value} at step {global_step}")
         losses.append(value)
         n_correct += int((logits.detach().argmax(1) == y).sum())
         n_seen += int(y.shape[0])
@@ -617,79 +604,61 @@ def _train_epoch(
     return record, losses
 
 
-def train_round(
-    samples_h5: str | Path,
-    out_model: str | Path,
-    out_metrics: str | Path,
-    out_loss_png: str | Path,
-    params: TrainParams | None = None,
-    *,
-    hard_negatives: Sequence[str | Path] = (),
-    init_checkpoint: str | Path | None = None,
-    imagenet_weights: str | Path | None = None,
-    checkpoint_path: str | Path | None = None,
-    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
-) -> dict[str, Any]:
-    """Train one round and write ``model.pt`` (:func:`wsiscan.model.save_checkpoint`),
-    ``metrics.json`` and ``loss.png``; return the metrics dict.
+@dataclass
+class RoundState:
+    """What a round carries from epoch to epoch (and what its checkpoint holds)."""
 
-    Training data: the base samples plus every hard-negative table in ``hard_negatives``
-    (earlier rounds). The model starts from ``init_checkpoint`` (fine-tuning, rounds >= 2), else
-    from ``imagenet_weights`` (torchvision VGG16 trunk) or random init (seeded). The resumable
-    state goes to ``checkpoint_path`` (default ``checkpoint.pt`` beside ``out_model``) after each
-    epoch; when it exists and belongs to the same set-up, training continues from it. It is
-    removed once ``model.pt`` is written. ``on_epoch_end(epoch, record)`` runs after each
-    epoch's checkpoint (tests use it to simulate a crash).
-    """
-    from .model import save_checkpoint
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    start_epoch: int = 0
+    resumed_from: int | None = None
+    history: list[dict[str, Any]] | None = None
+    step_loss: list[float] | None = None
 
-    params = params or TrainParams()
-    t_start = time.perf_counter()
-    out_model = Path(out_model)
-    checkpoint_path = Path(checkpoint_path or out_model.with_name("checkpoint.pt"))
-    if params.threads:
-        torch.set_num_threads(int(params.threads))
-    device = resolve_device(params.device)
-    use_amp = bool(params.amp and device.type == "cuda")
-
-    data = _training_set(samples_h5, hard_negatives, params)
-    fingerprint = _fingerprint(
-        params, samples_h5, hard_negatives, init_checkpoint, imagenet_weights
-    )
-    model, init_desc = _initial_model(params, init_checkpoint, imagenet_weights)
-    model.to(device)
-    opt = _optimizer(model, params)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-
-    start_epoch, history, step_loss, resumed_from = 0, [], [], None
-    state = load_train_state(checkpoint_path)
-    if state is not None and state.get("fingerprint") != fingerprint:
-        log.warning("%s belongs to another training set-up: starting afresh", checkpoint_path)
-        state = None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+    def resume(self, checkpoint: Path, fingerprint: str, round_index: int) -> None:
+        """Continue from ``checkpoint`` when it belongs to the same set-up (``fingerprint``)."""
+        self.history, self.step_loss = [], []
+        state = load_train_state(checkpoint)
+        if state is not None and state.get("fingerprint") != fingerprint:
+            log.warning("%s belongs to another training set-up: starting afresh", checkpoint)
+            state = None
+        if state is None:
+            return
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
-        start_epoch = resumed_from = int(state["epoch"])
-        history = list(state["history"])
-        step_loss = [float(v) for v in state["step_loss"]]
+        self.start_epoch = self.resumed_from = int(state["epoch"])
+        self.history = list(state["history"])
+        self.step_loss = [float(v) for v in state["step_loss"]]
         log.info(
-            "resuming round %d from %s after epoch %d",
-            params.round_index,
-            checkpoint_path,
-            start_epoch,
+            "resuming round %d from %s after epoch %d", round_index, checkpoint, self.start_epoch
         )
 
-    pin = device.type == "cuda"
-    dataset = PatchDataset(
-        data.table,
-        data.patch_px,
-        params.augment,
-        params.seed,
-        params.round_index,
-        params.mpp_fallback,
-    )
+    def save(self, checkpoint: Path, fingerprint: str, epoch: int) -> None:
+        """The resumable state after ``epoch`` epochs, written atomically."""
+        _atomic_torch_save(
+            checkpoint,
+            {
+                "format": CHECKPOINT_FORMAT,
+                "fingerprint": fingerprint,
+                "epoch": epoch,
+                "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                "optimizer": self.opt.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "rng": _rng_state(),
+                "history": self.history,
+                "step_loss": self.step_loss,
+            },
+        )
+
+
+def round_loaders(
+    data: TrainingSet, params: TrainRoundParams, round_index: int, pin_memory: bool
+) -> tuple[PatchDataset, EpochSampler, dict[str, torch.utils.data.DataLoader]]:
+    """The patch dataset, the epoch sampler and the training and validation loaders."""
+    dataset = PatchDataset(data.table, data.patch_px, params, params.seed, round_index)
     sampler = EpochSampler(
         data.positives,
         data.negatives,
@@ -698,7 +667,7 @@ def train_round(
         params.positive_fraction,
         params.hard_negative_fraction,
         params.seed,
-        params.round_index,
+        round_index,
     )
     loaders = {
         "train": make_loader(
@@ -706,7 +675,7 @@ def train_round(
             sampler,
             params.batch_size,
             params.workers,
-            pin,
+            pin_memory,
             params.prefetch_factor,
             drop_last=True,
         ),
@@ -715,31 +684,50 @@ def train_round(
             [(int(k), -1) for k in data.val_keys],
             params.batch_size,
             params.workers,
-            pin,
+            pin_memory,
             params.prefetch_factor,
         ),
     }
+    return dataset, sampler, loaders
+
+
+def run_epochs(
+    state: RoundState,
+    loaders: dict[str, torch.utils.data.DataLoader],
+    sampler: EpochSampler,
+    data: TrainingSet,
+    params: TrainRoundParams,
+    round_index: int,
+    device: torch.device,
+    use_amp: bool,
+    checkpoint: Path,
+    fingerprint: str,
+    on_epoch_end: Callable[[int, dict[str, Any]], None] | None,
+) -> None:
+    """Train the remaining epochs of the round, validating and checkpointing after each."""
+    model = state.model
 
     def amp_ctx() -> Any:
         return torch.autocast("cuda", dtype=torch.float16, enabled=use_amp)
 
-    for epoch in range(start_epoch, params.epochs):
+    for epoch in range(state.start_epoch, params.epochs):
         sampler.set_epoch(epoch)
         record, losses = _train_epoch(
-            model, opt, scaler, loaders["train"], epoch, params, device, amp_ctx
-        )
+            model, state.opt, state.scaler, loaders["train"], epoch, params, round_index, device,
+            amp_ctx,
+        )  # fmt: skip
         t_val = time.perf_counter()
         record.update(
             _evaluate(model, loaders["val"], device, data.is_hard, data.val_keys, amp_ctx)
         )
         record["val_s"] = time.perf_counter() - t_val
         record["epoch_time_s"] = record["train_s"] + record["val_s"]
-        history.append(record)
-        step_loss.extend(losses)
+        state.history.append(record)
+        state.step_loss.extend(losses)
         log.info(
             "round %d epoch %d: loss %.4f acc %.3f | val loss %s acc %s | %.1f samples/s, "
             "waited %.1f s for data",
-            params.round_index,
+            round_index,
             epoch + 1,
             record["loss"],
             record["acc"],
@@ -748,30 +736,103 @@ def train_round(
             record["samples_per_s"],
             record["data_wait_s"],
         )
-        _atomic_torch_save(
-            checkpoint_path,
-            {
-                "format": CHECKPOINT_FORMAT,
-                "fingerprint": fingerprint,
-                "epoch": epoch + 1,
-                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "optimizer": opt.state_dict(),
-                "scaler": scaler.state_dict(),
-                "rng": _rng_state(),
-                "history": history,
-                "step_loss": step_loss,
-            },
-        )
+        state.save(checkpoint, fingerprint, epoch + 1)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record)
+
+
+#: Epoch-record keys that measure the run, not the model: in metrics.json, never in model.pt.
+TIMING_KEYS = ("samples_per_s", "data_wait_s", "train_s", "val_s", "epoch_time_s")
+
+
+def train_round(
+    patches: str | Path,
+    out_model: str | Path,
+    out_metrics: str | Path,
+    out_loss_png: str | Path,
+    params: TrainRoundParams,
+    *,
+    round_index: int,
+    hard_negatives: Sequence[str | Path] = (),
+    init_model: str | Path | None = None,
+    imagenet_weights: str | Path | None = None,
+    checkpoint: str | Path | None = None,
+    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Stage ``train_round``: train round ``round_index`` -> ``model.pt``, ``metrics.json`` and
+    ``loss.png``; returns the metrics.
+
+    Training data: the base ``patches`` plus every hard-negative table in ``hard_negatives``
+    (earlier rounds). The model starts from ``init_model`` (fine-tuning, rounds >= 2), else from
+    ``imagenet_weights`` (torchvision VGG16 trunk) or a seeded random init. The resumable state
+    goes to ``checkpoint`` (default ``checkpoint.pt`` beside ``out_model``) after each epoch;
+    when it exists and belongs to the same set-up, training continues from it. It is removed
+    once ``model.pt`` is written. ``on_epoch_end(epoch, record)`` runs after each epoch's
+    checkpoint (tests use it to simulate a crash).
+    """
+    from .infer import resolve_device
+
+    if round_index < 1:
+        raise ConfigError(f"training round must be >= 1, got {round_index}")
+    t_start = time.perf_counter()
+    out_model = Path(out_model)
+    checkpoint = Path(checkpoint or out_model.with_name("checkpoint.pt"))
+    torch.set_num_threads(int(params.threads))
+    device = resolve_device(params.device, "train.device")
+    use_amp = bool(params.amp and device.type == "cuda")
+
+    data = training_set(patches, hard_negatives, params, round_index)
+    files = {"patches": patches, "hard_negatives": list(hard_negatives)}
+    fingerprint = training_fingerprint(
+        params, round_index, {**files, "init": init_model, "imagenet": imagenet_weights}
+    )
+    model, init_desc = initial_model(params, round_index, init_model, imagenet_weights)
+    model.to(device)
+    state = RoundState(
+        model, _optimizer(model, params), torch.amp.GradScaler("cuda", enabled=use_amp)
+    )
+    state.resume(checkpoint, fingerprint, round_index)
+    dataset, sampler, loaders = round_loaders(data, params, round_index, device.type == "cuda")
+
+    run_epochs(
+        state, loaders, sampler, data, params, round_index, device, use_amp, checkpoint,
+        fingerprint, on_epoch_end,
+    )  # fmt: skip
     del loaders  # stops the persistent worker processes
     dataset.close()
 
+    metrics = round_metrics(params, round_index, data, state, init_desc, device, use_amp)
+    metrics["wall_s"] = time.perf_counter() - t_start
+    model.eval()
+    metrics["model_sha256"] = save_round_model(
+        out_model, model.cpu(), params, round_index, init_desc, state.history, files
+    )
+    write_json(out_metrics, metrics)
+    plot_history(
+        state.history,
+        state.step_loss,
+        out_loss_png,
+        f"training round {round_index} ({len(data.hard)} hard negatives)",
+    )
+    checkpoint.unlink(missing_ok=True)
+    return metrics
+
+
+def round_metrics(
+    params: TrainRoundParams,
+    round_index: int,
+    data: TrainingSet,
+    state: RoundState,
+    init_desc: str,
+    device: torch.device,
+    use_amp: bool,
+) -> dict[str, Any]:
+    """The content of the round's ``metrics.json`` (run timings included)."""
     table = data.table
-    metrics = {
-        "round": params.round_index,
+    return {
+        "round": round_index,
         "init": init_desc,
-        "resumed_from_epoch": resumed_from,
+        "resumed_from_epoch": state.resumed_from,
         "device": str(device),
         "amp": use_amp,
         "workers": params.workers,
@@ -781,56 +842,61 @@ def train_round(
         "n_train_hard_negative": len(data.hard),
         "n_val": len(data.val_keys),
         "val_slides": [s for s, v in zip(table.slide_id, table.slide_is_val, strict=True) if v],
-        "params": _plain_params(params),
-        "epochs": history,
-        "step_loss": _thin(step_loss),
-        "wall_s": time.perf_counter() - t_start,
+        "params": _plain(result_fields(params)),
+        "epochs": state.history,
+        "step_loss": _thin(state.step_loss),
     }
-    model.eval()
-    metrics["model_sha256"] = save_checkpoint(
-        out_model,
-        model.cpu(),
-        {
-            "trained": True,
-            "round": params.round_index,
-            "init": init_desc,
-            "epochs": params.epochs,
-            "samples_sha256": file_checksum(samples_h5),
-            "hard_negatives": [str(p) for p in hard_negatives],
-            "final": {k: v for k, v in history[-1].items() if k != "epoch"} if history else {},
-            "train_params": _plain_params(params),
-        },
-    )
-    _atomic_json(out_metrics, metrics)
-    plot_history(
-        history,
-        step_loss,
-        out_loss_png,
-        f"training round {params.round_index} ({len(data.hard)} hard negatives)",
-    )
-    checkpoint_path.unlink(missing_ok=True)
-    return metrics
+
+
+def save_round_model(
+    out_model: Path,
+    model: torch.nn.Module,
+    params: TrainRoundParams,
+    round_index: int,
+    init_desc: str,
+    history: list[dict[str, Any]],
+    files: dict[str, Any],
+) -> str:
+    """``model.pt`` with what determines it (result settings, inputs, final validation figures)
+    and nothing that measures the run, so the same training gives the same bytes; its SHA-256."""
+    from .formats.checkpoint import save_checkpoint
+
+    final = {k: v for k, v in (history[-1] if history else {}).items() if k not in TIMING_KEYS}
+    final.pop("epoch", None)
+    meta = {
+        "trained": True,
+        "round": round_index,
+        "init": init_desc,
+        "epochs": params.epochs,
+        "patches_sha256": sha256_file(files["patches"]),
+        "hard_negatives": [str(p) for p in files["hard_negatives"]],
+        "final": final,
+        "train_params": _plain(result_fields(params)),
+    }
+    return save_checkpoint(out_model, model, meta)
 
 
 def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.4f}"
 
 
-def _plain_params(params: TrainParams) -> dict[str, Any]:
-    return json.loads(json.dumps(asdict(params), default=str))
+def _plain(values: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(values, default=str))
 
 
-def _validation_keys(table: SampleTable, is_hard: np.ndarray, params: TrainParams) -> np.ndarray:
+def _validation_keys(
+    table: PatchTable, is_hard: np.ndarray, params: TrainRoundParams, round_index: int
+) -> np.ndarray:
     """A fixed subset of the validation slides' samples: half positives, half negatives (of
     which a ``hard_negative_fraction`` share hard), at most ``val_samples``."""
     is_val = table.is_val
     pos = np.flatnonzero(is_val & (table.label == LABEL_TUMOUR))
     neg = np.flatnonzero(is_val & (table.label == LABEL_NORMAL) & ~is_hard)
     hard = np.flatnonzero(is_val & (table.label == LABEL_NORMAL) & is_hard)
-    if not (len(pos) + len(neg) + len(hard)) or params.val_samples <= 0:
+    if not (len(pos) + len(neg) + len(hard)) or params.val_patches <= 0:
         return np.zeros(0, dtype=np.int64)
-    rng = stable_rng(params.seed, params.round_index, "validation-keys")
-    n = min(params.val_samples, len(pos) + len(neg) + len(hard))
+    rng = stable_rng(params.seed, round_index, "validation-keys")
+    n = min(params.val_patches, len(pos) + len(neg) + len(hard))
     n_pos = min(len(pos), n // 2)
     n_hard = min(len(hard), int(round(n * params.hard_negative_fraction)), n - n_pos)
     n_neg = min(len(neg), n - n_pos - n_hard)

@@ -1,17 +1,16 @@
-# Shared set-up: config and sample-sheet validation, wildcard constraints, input functions.
-from pathlib import Path
-
+# Shared set-up: config and sample-sheet validation, the settings of each stage as options, and
+# the input functions. Decisions live in the package (wsiscan.dag); this file only wires them.
 from snakemake.logging import logger
+from wsiscan import dag
 from wsiscan.config import config_checksum, load_samples, validate_config
 from wsiscan.errors import ConfigError
-from wsiscan.faults import describe_failure, failed_slides, failure_record_path
+from wsiscan.faults import failed_slides, failure_record_path
 
-SCHEMAS = Path(workflow.basedir) / "schemas"
 WSISCAN_ENV = "../../envs/wsiscan.yaml"
 
 try:
-    validate_config(config, SCHEMAS)
-    SAMPLES = load_samples(config["samples"], SCHEMAS)
+    validate_config(config)
+    SAMPLES = load_samples(config["samples"])
 except ConfigError as exc:
     raise WorkflowError(str(exc)) from None
 
@@ -19,6 +18,50 @@ CONFIG_CHECKSUM = config_checksum(config)
 EVAL = config["evaluate"]
 
 
+# -- settings: one helper forwards every stage's config keys ----------------------------------------
+def stage_context(wildcards):
+    """What a stage's settings depend on besides the config: the slide file, the round."""
+    context = {}
+    if "slide" in wildcards.keys():
+        context["slide_path"] = SAMPLES.loc[wildcards.slide, "path"]
+    if "round" in wildcards.keys():
+        context["round"] = int(wildcards.round)
+    return context
+
+
+def settings(stage):
+    """The result settings of `stage` as `wsiscan <stage>` options: a rule parameter, so that
+    Snakemake re-runs the job when one of them changes."""
+
+    def options(wildcards):
+        return dag.stage_options(config, stage, **stage_context(wildcards))
+
+    return options
+
+
+def runtime(stage):
+    """The run-time settings of `stage` (workers, threads, device, ...) as options: a parameter
+    function of `threads`, which Snakemake counts as derived from the job's resources and never
+    as a rerun trigger."""
+
+    def options(wildcards, threads):
+        return dag.runtime_options(config, stage, threads=threads)
+
+    return options
+
+
+def provenance(value):
+    """A parameter that only records where an output came from (the config's checksum): a
+    function of the job's input, which Snakemake counts as derived, so it re-runs nothing.
+    """
+
+    def recorded(wildcards, input):
+        return value
+
+    return recorded
+
+
+# -- slides ------------------------------------------------------------------------------------------
 def slide_row(wildcards):
     """The sample-sheet row of ``wildcards.slide``."""
     return SAMPLES.loc[wildcards.slide]
@@ -42,46 +85,13 @@ def labelled_slides():
 
 
 def model_file():
-    """Checkpoint used for inference: config model.checkpoint, else the last training round."""
-    if config["model"]["checkpoint"]:
-        return config["model"]["checkpoint"]
-    rounds = config["train"]["rounds"]
-    if rounds == 0:
-        return "results/model/init.pt"
-    return f"results/train/round{rounds}/model.pt"
+    """Checkpoint used for inference: model.checkpoint, else the last training round's."""
+    return dag.model_file(config)
 
 
-def final_outputs():
-    """Default targets: per-slide lesions of the scanned split and the cohort metrics; for a
-    slide whose job failed before, also the output of the stage that failed, so that the stage
-    is retried even where older files downstream of it still exist."""
-    out = expand("results/{slide}/lesions.csv", slide=scan_slides())
-    for sid, record in failed_before(scan_slides()).items():
-        name = STAGE_OUTPUTS.get(record.get("stage"))
-        if name:
-            out.append(f"results/{sid}/{name}")
-    if labelled_slides():
-        out.append("results/cohort/metrics.json")
-    return out
-
-
-# `--mpp-fallback X` for the stages that open slides, when the config gives a fallback.
-mpp_fallback_arg = (
-    ["--mpp-fallback", config["slide"]["mpp_fallback"]]
-    if config["slide"]["mpp_fallback"]
-    else []
-)
-
-
-# -- failed slides (see wsiscan.faults) ---------------------------------------------------------
-# The per-slide output each wsiscan stage writes (the stage names of the failure records).
-STAGE_OUTPUTS = {
-    "mask": "tissue.png",
-    "grid": "rois.h5",
-    "infer": "tiles.h5",
-    "stitch": "probmap.h5",
-    "detect": "lesions.csv",
-}
+# -- failed slides (wsiscan.faults, wsiscan.dag) ---------------------------------------------------
+#: Per-slide stages that leave a failure record when they fail.
+PER_SLIDE_STAGES = ("tissue_mask", "roi_grid", "infer", "stitch", "detect")
 
 
 def failure_record(wildcards):
@@ -100,6 +110,19 @@ def failed_before(slides):
     return failed_slides("results", {sid: slide_inputs(sid) for sid in slides})
 
 
+def final_outputs():
+    """Default targets: per-slide lesions of the scanned split and the cohort metrics; for a
+    slide whose job failed before, also the output of the stage that failed (its rule's first
+    output), so that the stage is retried even where older files downstream of it still exist.
+    """
+    out = expand("results/{slide}/lesions.csv", slide=scan_slides())
+    stage_outputs = {s: str(getattr(rules, s).output[0]) for s in PER_SLIDE_STAGES}
+    out += dag.retry_targets(failed_before(scan_slides()), stage_outputs)
+    if labelled_slides():
+        out.append("results/cohort/metrics.json")
+    return out
+
+
 def evaluated_slides():
     """Slides the evaluation reads: all labelled ones; with evaluate.allow_missing, without the
     slides that failed before (metrics.json lists them under "missing")."""
@@ -110,27 +133,9 @@ def evaluated_slides():
     return slides
 
 
-def report_failed_slides():
-    """After a failed run: name the slides whose jobs failed and what to do about them."""
-    failed = failed_before(SAMPLES.index)
-    if not failed:
-        return
-    lines = [f"  {sid}: {describe_failure(rec)}" for sid, rec in failed.items()]
-    labelled = set(failed) & set(labelled_slides())
-    advice = "Fix them (logs: results/logs/<rule>/<slide>.log) and run again: every run retries them."
-    if labelled and not EVAL["allow_missing"]:
-        advice += (
-            " The cohort evaluation needs every labelled slide; set evaluate.allow_missing: true"
-            " to evaluate the others (metrics.json then lists these under 'missing')."
-        )
-    elif labelled:
-        advice += " Until then the evaluation leaves them out (evaluate.allow_missing)."
-    logger.error(
-        f"wsiscan: {len(failed)} slide(s) failed (results/<slide>/FAILED.json):\n"
-        + "\n".join(lines)
-        + f"\n{advice}"
-    )
-
-
 onerror:
-    report_failed_slides()
+    message = dag.failure_report(
+        failed_before(SAMPLES.index), labelled_slides(), EVAL["allow_missing"]
+    )
+    if message:
+        logger.error(message)

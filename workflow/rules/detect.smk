@@ -20,15 +20,12 @@ rule detect:
         mem_mb=2000,
         runtime=10,
     params:
-        method=config["detect"]["method"],
-        threshold=config["detect"]["threshold"],
-        nms_radius_um=config["detect"]["nms_radius_um"],
-        min_area_um2=config["detect"]["min_area_um2"],
+        settings=settings("detect"),
+        runtime=runtime("detect"),
         failure_record=failure_record,
     shell:
         "wsiscan --failure-record {params.failure_record:q} detect"
-        " --probmap {input.probmap:q} --slide-id {wildcards.slide:q}"
-        " --out-csv {output.lesions:q} --out-score {output.score:q}"
-        " --out-geojson {output.geojson:q} --out-xml {output.xml:q} --method {params.method}"
-        " --threshold {params.threshold} --nms-radius-um {params.nms_radius_um}"
-        " --min-area-um2 {params.min_area_um2} > {log:q} 2>&1"
+        " --slide-id {wildcards.slide:q} --probmap {input.probmap:q}"
+        " --out-lesions {output.lesions:q} --out-score {output.score:q}"
+        " --out-geojson {output.geojson:q} --out-xml {output.xml:q}"
+        " {params.settings:q} {params.runtime:q} > {log:q} 2>&1"

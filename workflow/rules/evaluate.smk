@@ -38,24 +38,16 @@ rule evaluate:
         mem_mb=4000,
         runtime=30,
     params:
-        split=EVAL["split"],
-        exclude=EVAL["exclude"],
-        fp_on_negative_only=(
-            "--froc-fp-on-negative-only" if EVAL["fp_on_negative_only"] else []
-        ),
-        interpolation=EVAL["interpolation"],
-        bootstrap=EVAL["bootstrap"],
-        seed=EVAL["seed"],
-        allow_missing="--allow-missing" if EVAL["allow_missing"] else [],
-        config_checksum=CONFIG_CHECKSUM,
+        settings=settings("evaluate"),
+        runtime=runtime("evaluate"),
+        config_checksum=provenance(CONFIG_CHECKSUM),
         failed=(
             ["--failed", *sorted(set(labelled_slides()) - set(evaluated_slides()))]
             if EVAL["allow_missing"]
             else []
         ),
     shell:
-        "wsiscan evaluate --sheet {input.sheet:q} --results results --out results/cohort"
-        " --split {params.split} --exclude {params.exclude:q} {params.fp_on_negative_only}"
-        " --interpolation {params.interpolation} --bootstrap {params.bootstrap}"
-        " --seed {params.seed} {params.allow_missing} {params.failed:q} --model {input.model:q}"
-        " --config-checksum {params.config_checksum} > {log:q} 2>&1"
+        "wsiscan evaluate --sheet {input.sheet:q} --model {input.model:q}"
+        " --results-dir results --out-dir results/cohort"
+        " --config-checksum {params.config_checksum} {params.failed:q}"
+        " {params.settings:q} {params.runtime:q} > {log:q} 2>&1"

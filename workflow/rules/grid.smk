@@ -18,14 +18,10 @@ rule roi_grid:
         mem_mb=1000,
         runtime=10,
     params:
-        arch=config["scan"]["arch"],
-        n=config["scan"]["n"],
-        alpha=config["scan"]["alpha"],
-        min_tissue_fraction=config["scan"]["min_tissue_fraction"],
-        mpp_fallback=mpp_fallback_arg,
+        settings=settings("roi_grid"),
+        runtime=runtime("roi_grid"),
         failure_record=failure_record,
     shell:
-        "wsiscan --failure-record {params.failure_record:q} grid"
-        " --slide {input.slide:q} --slide-id {wildcards.slide:q} --mask {input.mask:q}"
-        " --out {output.rois:q} --arch {params.arch} --n {params.n} --alpha {params.alpha}"
-        " --min-tissue-fraction {params.min_tissue_fraction} {params.mpp_fallback} > {log:q} 2>&1"
+        "wsiscan --failure-record {params.failure_record:q} roi_grid"
+        " --slide-id {wildcards.slide:q} --slide {input.slide:q} --mask {input.mask:q}"
+        " --out-rois {output.rois:q} {params.settings:q} {params.runtime:q} > {log:q} 2>&1"

@@ -20,18 +20,11 @@ rule infer:
         runtime=lambda w, attempt: 60 * attempt,
         gpu=1 if config["infer"]["device"] != "cpu" else 0,
     params:
-        batch_size=config["infer"]["batch_size"],
-        workers=config["infer"]["workers"],
-        device=config["infer"]["device"],
-        amp="--amp" if config["infer"]["amp"] else "--no-amp",
-        tile_dtype=config["infer"]["tile_dtype"],
-        dense_mode=config["infer"]["dense_mode"],
-        mpp_fallback=mpp_fallback_arg,
+        settings=settings("infer"),
+        runtime=runtime("infer"),
         failure_record=failure_record,
     shell:
         "wsiscan --failure-record {params.failure_record:q} infer"
-        " --slide {input.slide:q} --slide-id {wildcards.slide:q} --rois {input.rois:q}"
-        " --model {input.model:q} --out {output.tiles:q} --batch-size {params.batch_size}"
-        " --workers {params.workers} --device {params.device} {params.amp}"
-        " --tile-dtype {params.tile_dtype} --dense-mode {params.dense_mode}"
-        " {params.mpp_fallback} > {log:q} 2>&1"
+        " --slide-id {wildcards.slide:q} --slide {input.slide:q} --rois {input.rois:q}"
+        " --model {input.model:q} --out-tiles {output.tiles:q}"
+        " {params.settings:q} {params.runtime:q} > {log:q} 2>&1"

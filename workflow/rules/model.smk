@@ -15,13 +15,11 @@ rule init_model:
         mem_mb=4000,
         runtime=10,
     params:
-        arch=config["scan"]["arch"],
-        width=config["model"]["width"],
-        batchnorm="--batchnorm" if config["model"]["batchnorm"] else "--no-batchnorm",
-        seed=config["model"]["seed"],
+        settings=settings("init_model"),
+        runtime=runtime("init_model"),
         weights=lambda w, input: (
             ["--imagenet-weights", input.weights] if input.weights else []
         ),
     shell:
-        "wsiscan init-model --out {output.model:q} --arch {params.arch} --width {params.width}"
-        " {params.batchnorm} --seed {params.seed} {params.weights:q} > {log:q} 2>&1"
+        "wsiscan init_model --out-model {output.model:q} {params.weights:q}"
+        " {params.settings:q} {params.runtime:q} > {log:q} 2>&1"

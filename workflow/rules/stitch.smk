@@ -24,14 +24,11 @@ rule stitch:
         mem_mb=lambda w, attempt: 3000 * attempt,
         runtime=lambda w, attempt: 20 * attempt,
     params:
-        threshold=config["stitch"]["threshold"],
-        opening_um=config["stitch"]["opening_um"],
-        closing_um=config["stitch"]["closing_um"],
-        mpp_fallback=mpp_fallback_arg,
+        settings=settings("stitch"),
+        runtime=runtime("stitch"),
         failure_record=failure_record,
     shell:
         "wsiscan --failure-record {params.failure_record:q} stitch"
-        " --slide {input.slide:q} --slide-id {wildcards.slide:q}"
-        " --tiles {input.tiles:q} --out {output.probmap:q} --qc {output.qc:q}"
-        " --threshold {params.threshold} --opening-um {params.opening_um}"
-        " --closing-um {params.closing_um} {params.mpp_fallback} > {log:q} 2>&1"
+        " --slide-id {wildcards.slide:q} --slide {input.slide:q} --tiles {input.tiles:q}"
+        " --out-probmap {output.probmap:q} --out-qc {output.qc:q}"
+        " {params.settings:q} {params.runtime:q} > {log:q} 2>&1"

@@ -17,11 +17,9 @@ rule synth_slide:
         runtime=10,
     params:
         label=lambda w: "tumor" if slide_row(w)["label"] == "tumor" else "normal",
-        seed=config["demo"]["seed"],
-        width_px=config["demo"]["width_px"],
-        height_px=config["demo"]["height_px"],
-        mpp=config["demo"]["mpp"],
+        settings=settings("synth_slide"),
+        runtime=runtime("synth_slide"),
     shell:
-        "wsiscan synth --slide-id {wildcards.slide:q} --label {params.label} --seed {params.seed}"
-        " --width-px {params.width_px} --height-px {params.height_px} --mpp {params.mpp}"
-        " --out-slide {output.slide:q} --out-xml {output.xml:q} > {log:q} 2>&1"
+        "wsiscan synth_slide --slide-id {wildcards.slide:q} --label {params.label}"
+        " --out-slide {output.slide:q} --out-xml {output.xml:q}"
+        " {params.settings:q} {params.runtime:q} > {log:q} 2>&1"

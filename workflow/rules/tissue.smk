@@ -23,17 +23,11 @@ rule tissue_mask:
         mem_mb=2000,
         runtime=10,
     params:
-        target_mpp=config["tissue"]["target_mpp"],
-        method=config["tissue"]["method"],
-        closing_um=config["tissue"]["closing_um"],
-        min_area_um2=config["tissue"]["min_area_um2"],
-        hole_area_um2=config["tissue"]["hole_area_um2"],
-        mpp_fallback=mpp_fallback_arg,
+        settings=settings("tissue_mask"),
+        runtime=runtime("tissue_mask"),
         failure_record=failure_record,
     shell:
-        "wsiscan --failure-record {params.failure_record:q} mask"
-        " --slide {input.slide:q} --slide-id {wildcards.slide:q}"
-        " --out-mask {output.mask:q} --out-qc {output.qc:q} --target-mpp {params.target_mpp}"
-        " --method {params.method} --closing-um {params.closing_um}"
-        " --min-area-um2 {params.min_area_um2} --hole-area-um2 {params.hole_area_um2}"
-        " {params.mpp_fallback} > {log:q} 2>&1"
+        "wsiscan --failure-record {params.failure_record:q} tissue_mask"
+        " --slide-id {wildcards.slide:q} --slide {input.slide:q}"
+        " --out-mask {output.mask:q} --out-qc {output.qc:q}"
+        " {params.settings:q} {params.runtime:q} > {log:q} 2>&1"

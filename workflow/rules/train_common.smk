@@ -1,7 +1,7 @@
-# Input functions and settings of the training rules (train.smk): kept apart from the rules as
-# `snakemake --lint` asks. None of them reads train.rounds, so raising it re-runs only new rounds.
+# Input functions of the training rules (train.smk), kept apart from the rules as `snakemake
+# --lint` asks. The round plan (starting model, epochs, learning rate) is wsiscan.dag.round_plan.
+# None of them reads train.rounds, so raising it re-runs only the new rounds.
 TRAIN = config["train"]
-MINE = TRAIN["mine"]
 TRAIN_GPU = 0 if TRAIN["device"] == "cpu" else 1
 
 
@@ -25,60 +25,23 @@ def train_slide_paths(wildcards):
     return SAMPLES.loc[slides, "path"].tolist()
 
 
-def train_slide_args(wildcards, input):
-    """``--slide ID LABEL SLIDE MASK [ANNOTATION]`` per training slide."""
-    args = []
-    for sid in train_slides():
-        row = SAMPLES.loc[sid]
-        args += ["--slide", sid, row["label"], row["path"], f"results/{sid}/tissue.png"]
-        if row["annotation"]:
-            args.append(row["annotation"])
-    return args
-
-
 def train_annotations():
     return [a for a in SAMPLES.loc[train_slides(), "annotation"] if a]
 
 
-def training_round(wildcards):
-    k = int(wildcards.round)
-    if k < 1:
-        raise WorkflowError(f"training rounds are numbered from 1, got round{k}")
-    return k
-
-
-def finetunes(k):
-    return k >= 2 and TRAIN["round_init"] == "finetune"
-
-
 def train_round_inputs(wildcards):
-    """Hard negatives of rounds < k; round k-1's model when fine-tuning, else ImageNet weights."""
-    k = training_round(wildcards)
-    inputs = {
-        "hard_negatives": [
-            f"results/train/round{j}/hard_negatives.h5" for j in range(1, k)
-        ]
-    }
-    if finetunes(k):
-        inputs["init"] = f"results/train/round{k - 1}/model.pt"
-    elif config["model"]["imagenet_weights"]:
-        inputs["imagenet"] = config["model"]["imagenet_weights"]
+    """Hard negatives of rounds < k and the starting model of round k (wsiscan.dag.round_plan)."""
+    plan = dag.round_plan(config, int(wildcards.round))
+    inputs = plan.inputs()
+    if plan.init == "imagenet":
+        inputs["imagenet_weights"] = config["model"]["imagenet_weights"]
     return inputs
 
 
-def round_epochs(wildcards):
-    k = training_round(wildcards)
-    return TRAIN["finetune_epochs"] if finetunes(k) else TRAIN["epochs"]
-
-
-def round_lr(wildcards):
-    k = training_round(wildcards)
-    return TRAIN["lr"] * (TRAIN["finetune_lr_scale"] if finetunes(k) else 1.0)
-
-
 def round_init_args(wildcards, input):
-    if "init" in input.keys():
-        return ["--init-model", input.init]
-    if "imagenet" in input.keys():
-        return ["--imagenet-weights", input.imagenet]
+    """``--init-model`` (fine-tuning) or ``--imagenet-weights``, as the round plan says."""
+    if "init_model" in input.keys():
+        return ["--init-model", input.init_model]
+    if "imagenet_weights" in input.keys():
+        return ["--imagenet-weights", input.imagenet_weights]
     return []

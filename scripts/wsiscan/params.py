@@ -320,6 +320,8 @@ SETTINGS: dict[str, Setting] = {
            maximum=10_000_000),
         _s("train.dropout", float, 0.2, "dropout after the head's hidden layers while training",
            minimum=0.0, maximum=1.0, exclusive="max"),
+        _s("train.label_smoothing", float, 0.0, "label smoothing of the training loss (0: none)",
+           minimum=0.0, maximum=0.5),
         _s("train.hard_negative_fraction", float, 0.3, "share of each epoch drawn from the hard "
            "negatives of earlier rounds", **_FRACTION),
         _s("train.val_patches", int, 256, "fixed validation patches from the held-out slides",
@@ -588,6 +590,7 @@ class TrainRoundParams(StageParams):
     weight_decay: float = key()
     warmup_steps: int = key()
     dropout: float = key()
+    label_smoothing: float = key()
     positive_fraction: float = key()
     hard_negative_fraction: float = key()
     val_patches: int = key()

@@ -576,7 +576,9 @@ def _train_epoch(
         y = y.to(device, non_blocking=True)
         with amp_ctx():
             logits = model(x).flatten(1)
-        loss = torch.nn.functional.cross_entropy(logits.float(), y)
+        loss = torch.nn.functional.cross_entropy(
+            logits.float(), y, label_smoothing=params.label_smoothing
+        )
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)

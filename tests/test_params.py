@@ -202,7 +202,7 @@ def test_one_name_per_stage_through_rule_command_function_log_and_record():
     for name, text in rules.items():
         if name not in STAGES:
             continue
-        command = re.search(r'"wsiscan (?:--failure-record \S+ )?(\w+)', text)
+        command = re.search(r'wsiscan\(\s*"(?:--failure-record \S+ )?(\w+)', text)
         assert command and command.group(1) == name, (name, command)
         log = re.search(r'log:\n\s+"results/logs/(\w+)/', text)
         assert log and log.group(1) == name

@@ -242,11 +242,13 @@ def _add_tools(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "install-profile",
-        help="Link this repository's Snakemake profile where `snakemake --profile <name>` finds it.",
+        help="Link a Snakemake profile (profiles/<name> of the current folder, else of the clone "
+        "wsiscan is installed from) where `snakemake --profile <name>` finds it.",
     )
     p.add_argument("--name", default="slurm", help="profile name (default: slurm)")
     p.add_argument("--source", type=Path, default=None, help="profile folder (default: "
-                   "profiles/<name> of this repository)")  # fmt: skip
+                   "profiles/<name> of the current folder if there is one, else of the clone "
+                   "wsiscan is installed from)")  # fmt: skip
     p.add_argument("--dest", type=Path, default=None, help="profile root (default: the user's "
                    "Snakemake config folder, $XDG_CONFIG_HOME/snakemake or ~/.config/snakemake)")  # fmt: skip
     p.add_argument("--copy", action="store_true", help="copy instead of a symbolic link")
@@ -268,10 +270,12 @@ def _run_sheet(a: argparse.Namespace) -> object:
 
 
 def _run_install_profile(a: argparse.Namespace) -> object:
-    from .profiles import install_profile
+    from .profiles import default_source, install_profile
 
-    target = install_profile(a.name, source=a.source, dest_root=a.dest, copy=a.copy, force=a.force)
-    print(f"snakemake --profile {a.name} now uses {target}")
+    source, origin = (a.source.resolve(), "--source") if a.source else default_source(a.name)
+    target = install_profile(a.name, source=source, dest_root=a.dest, copy=a.copy, force=a.force)
+    how = "a copy of" if a.copy else "a link to"
+    print(f"snakemake --profile {a.name} now uses {target}, {how} {source} ({origin})")
     return target
 
 

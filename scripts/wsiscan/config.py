@@ -1,8 +1,10 @@
 """The config file and the sample sheet: schema, validation, reference page, checksum.
 
-The config schema (``workflow/schemas/config.schema.yaml``) and the config reference
-(``config/README.md``) are generated from :data:`wsiscan.params.SETTINGS` by ``wsiscan
-config-docs`` and checked by the tests to be current; edit the settings table, never these files.
+The config schema (``workflow/schemas/config.schema.yaml``) and the key reference in
+``config/README.md`` (the part between its two ``settings`` markers) are generated from
+:data:`wsiscan.params.SETTINGS` by ``wsiscan config-docs`` and checked by the tests to be current;
+edit the settings table, never these. The rest of ``config/README.md`` (how to configure and run
+the workflow: the page the Snakemake workflow catalog shows) is written by hand.
 
 Validation (:func:`validate_config`) runs the schema through ``snakemake.utils.validate`` (which
 fills in the defaults), then checks every value against its setting (finite numbers, limits) and
@@ -29,6 +31,9 @@ CONFIG_REFERENCE = REPO_DIR / "config" / "README.md"
 SHEET_COLUMNS = ["slide_id", "path", "annotation", "label", "split"]
 DEMO_DIR = "data/demo"
 GENERATED = "Generated from wsiscan.params.SETTINGS by `wsiscan config-docs`: do not edit."
+_BEGIN = "<!-- settings:begin"
+REFERENCE_BEGIN = f"{_BEGIN}. {GENERATED} -->"
+REFERENCE_END = "<!-- settings:end -->"
 
 
 # -- the schema ------------------------------------------------------------------------------------
@@ -131,11 +136,12 @@ def _value(value: Any) -> str:
 
 
 def reference_text() -> str:
-    """``config/README.md``: every config key with its default, meaning and the stages that read it."""
+    """The generated part of ``config/README.md``: every config key with its default, meaning and
+    the stages that read it (between :data:`REFERENCE_BEGIN` and :data:`REFERENCE_END`)."""
     lines = [
-        "# Configuration reference",
+        REFERENCE_BEGIN,
         "",
-        f"<!-- {GENERATED} -->",
+        "## Every key",
         "",
         "Every key of `config/config.yaml`, with its default (what a config that leaves the key",
         "out gets), its meaning and unit, and the stages that read it. The config is validated",
@@ -151,7 +157,12 @@ def reference_text() -> str:
         sections.setdefault(spec.section, []).append(spec)
     for section, specs in sections.items():
         title = f"`{section}`" if section else "Top level"
-        lines += [f"## {title}", "", SECTIONS[section][0].upper() + SECTIONS[section][1:] + ".", ""]
+        lines += [
+            f"### {title}",
+            "",
+            SECTIONS[section][0].upper() + SECTIONS[section][1:] + ".",
+            "",
+        ]
         lines += ["| key | default | meaning | read by |", "|---|---|---|---|"]
         for spec in specs:
             default = "(required)" if spec.required else _value(spec.default)
@@ -163,14 +174,29 @@ def reference_text() -> str:
         "Keys renamed since version 0.1 (an old config names them in its error):",
         renamed,
         "",
+        REFERENCE_END,
     ]
     return "\n".join(lines)
 
 
+def reference_page(page: str) -> str:
+    """``page`` (the text of ``config/README.md``) with its generated part replaced by
+    :func:`reference_text`; the hand-written text around the markers stays as it is."""
+    begin, end = page.find(_BEGIN), page.find(REFERENCE_END)
+    if begin < 0 or end < begin:
+        raise ConfigError(
+            f"{CONFIG_REFERENCE}: the markers {_BEGIN!r} ... {REFERENCE_END!r} around the "
+            "generated key reference are missing"
+        )
+    return page[:begin] + reference_text() + page[end + len(REFERENCE_END) :]
+
+
 def config_docs(check: bool = False) -> list[Path]:
-    """Write the schema and the reference page (``check``: only compare); the stale files."""
+    """Write the schema and the reference page's generated part (``check``: only compare);
+    returns the stale files."""
+    page = CONFIG_REFERENCE.read_text() if CONFIG_REFERENCE.is_file() else ""
     stale = []
-    for path, text in ((CONFIG_SCHEMA, schema_text()), (CONFIG_REFERENCE, reference_text())):
+    for path, text in ((CONFIG_SCHEMA, schema_text()), (CONFIG_REFERENCE, reference_page(page))):
         if not path.is_file() or path.read_text() != text:
             stale.append(path)
             if not check:
@@ -181,8 +207,11 @@ def config_docs(check: bool = False) -> list[Path]:
 
 
 # -- validation ------------------------------------------------------------------------------------
-def _schema(name: str, schema_dir: Path | None) -> str:
-    return str((schema_dir or SCHEMA_DIR) / name)
+def _schema(name: str, schema: str | Path | None) -> str:
+    """The schema file to validate against: ``schema`` (the workflow passes its own, found
+    relative to its rule files) or the one beside this package's source (``workflow/schemas/``
+    of its clone: stages and tests run outside Snakemake)."""
+    return str(schema if schema is not None else SCHEMA_DIR / name)
 
 
 def _validation_error(exc: Exception):
@@ -219,8 +248,9 @@ def _renamed_keys(config: Mapping[str, Any]) -> list[str]:
     return found
 
 
-def validate_config(config: dict, schema_dir: Path | None = None) -> dict:
-    """Validate ``config`` in place (defaults filled in); returns it.
+def validate_config(config: dict, schema: str | Path | None = None) -> dict:
+    """Validate ``config`` in place (defaults filled in) against ``schema`` (default: the
+    clone's ``config.schema.yaml``); returns it.
 
     Raises :class:`ConfigError` naming the offending key.
     """
@@ -234,7 +264,7 @@ def validate_config(config: dict, schema_dir: Path | None = None) -> dict:
     raw_scan = config.get("scan")
     n_given = isinstance(raw_scan, dict) and raw_scan.get("n") is not None
     try:
-        validate(config, _schema("config.schema.yaml", schema_dir))
+        validate(config, _schema("config.schema.yaml", schema))
     except Exception as exc:
         err = _validation_error(exc)
         if err is None:
@@ -295,13 +325,14 @@ def is_demo_slide(row: Mapping[str, str]) -> bool:
 
 def load_samples(
     sheet_path: str | Path,
-    schema_dir: Path | None = None,
+    schema: str | Path | None = None,
     base_dir: str | Path = ".",
     check_files: bool = True,
 ) -> pd.DataFrame:
     """Read and validate the sample sheet; returns it indexed by ``slide_id`` (all columns str).
 
-    Checks: exact columns, each row against ``samples.schema.yaml``, unique IDs, tumour rows with
+    Checks: exact columns, each row against ``schema`` (default: the clone's
+    ``samples.schema.yaml``), unique IDs, tumour rows with
     an annotation and (``check_files``) existing files, except demo slides, which the workflow
     writes. Paths are relative to ``base_dir``. Raises :class:`ConfigError` naming the row.
     """
@@ -324,7 +355,7 @@ def load_samples(
         raise ConfigError(f"{sheet_path}: the sample sheet has no rows")
     df = df[SHEET_COLUMNS].apply(lambda col: col.str.strip())
     base = Path(base_dir)
-    schema = _schema("samples.schema.yaml", schema_dir)
+    schema = _schema("samples.schema.yaml", schema)
     try:
         validate(df, schema)  # one pass over the sheet; rows are re-checked only on failure
         sheet_valid = True

@@ -3,8 +3,11 @@
 Snakemake resolves a bare profile name (``--profile slurm``) in the current directory, then in the
 user's configuration folder (``$XDG_CONFIG_HOME/snakemake`` or ``~/.config/snakemake`` on Linux,
 as given by platformdirs, the library Snakemake itself asks), then in the site folder
-(``/etc/xdg/snakemake``). ``profiles/slurm`` of this repository is in none of them, so
-:func:`install_profile` links (or copies) it into the user's folder.
+(``/etc/xdg/snakemake``). A workflow's ``profiles/slurm`` is in none of them, so
+:func:`install_profile` links (or copies) it into the user's folder. Which one: the profile of the
+folder the command runs in (the clone, or a deployment that uses wsiscan as a module and carries a
+``profiles/`` copy), else that of the clone the package was installed from (:func:`default_source`);
+the command says which.
 """
 
 from __future__ import annotations
@@ -21,6 +24,19 @@ from .errors import ConfigError
 log = logging.getLogger(__name__)
 
 REPO_PROFILES = Path(__file__).resolve().parents[2] / "profiles"
+
+
+def default_source(name: str, cwd: Path | None = None) -> tuple[Path, str]:
+    """The profile folder ``install-profile`` links when no ``--source`` is given, and a phrase
+    saying where it comes from: ``profiles/<name>`` of the current folder when it holds one (the workflow the
+    user works in), else that of the clone this package was installed from."""
+    here = (Path(cwd) if cwd is not None else Path.cwd()) / "profiles" / name
+    if (here / "config.yaml").is_file():
+        return here.resolve(), f"profiles/{name} of the current folder"
+    return (REPO_PROFILES / name).resolve(), (
+        f"of the clone wsiscan is installed from: the current folder has no profiles/{name}; "
+        "pass --source to link another"
+    )
 
 
 def user_profile_root() -> Path:
@@ -70,19 +86,19 @@ def install_profile(
 ) -> Path:
     """Make ``snakemake --profile <name>`` use the profile folder ``source``.
 
-    ``source`` defaults to ``profiles/<name>`` of this repository, ``dest_root`` to
-    :func:`user_profile_root`. Creates ``dest_root/<name>`` as a symbolic link to ``source`` (or, with
+    ``source`` defaults to :func:`default_source` (``profiles/<name>`` of the current folder, else
+    of the clone the package was installed from), ``dest_root`` to :func:`user_profile_root`. Creates ``dest_root/<name>`` as a symbolic link to ``source`` (or, with
     ``copy``, a copy of it). Nothing is done when it already is that link (or that identical copy).
     Anything else of that name is an error unless ``force``: then it is moved aside to
     ``<name>.bak-<YYYYmmdd-HHMMSS>``, never deleted. Returns the installed path.
     """
     if not name or name in (".", "..") or "/" in name or os.sep in name:
         raise ConfigError(f"install-profile: invalid profile name {name!r}")
-    source = (Path(source) if source is not None else REPO_PROFILES / name).resolve()
+    source = Path(source).resolve() if source is not None else default_source(name)[0]
     if not (source / "config.yaml").is_file():
         raise ConfigError(
             f"install-profile: {source} is not a Snakemake profile (no config.yaml); "
-            "run from a repository checkout or pass --source"
+            "run from a folder with profiles/<name> or pass --source"
         )
     root = Path(dest_root) if dest_root is not None else user_profile_root()
     target = root / name

@@ -1,16 +1,77 @@
 # Shared set-up: config and sample-sheet validation, the settings of each stage as options, and
 # the input functions. Decisions live in the package (wsiscan.dag); this file only wires them.
-from snakemake.logging import logger
-from wsiscan import dag
-from wsiscan.config import config_checksum, load_samples, validate_config
-from wsiscan.errors import ConfigError
-from wsiscan.faults import failed_slides, failure_record_path
+import os
+import sys
+from pathlib import Path
 
-WSISCAN_ENV = "../../envs/wsiscan.yaml"
+from snakemake.logging import logger
+from snakemake_interface_executor_plugins.settings import DeploymentMethod
+
+
+# -- the package: this workflow's own copy ---------------------------------------------------------
+# Paths here are relative to this file (workflow.current_basedir, workflow.source_path), never to
+# workflow.basedir, which is the calling workflow's folder when wsiscan is used as a module.
+def package_source():
+    """``scripts/`` of the clone this file lies in (the package that belongs to these rules), or
+    None when the workflow is not a local folder (a module given as ``github(...)``)."""
+    src = Path(str(workflow.current_basedir)).parents[1] / "scripts"
+    return src if (src / "wsiscan" / "__init__.py").is_file() else None
+
+
+WSISCAN_SRC = package_source()
+if WSISCAN_SRC is not None:
+    sys.path.insert(0, str(WSISCAN_SRC))
+try:
+    from wsiscan import dag
+    from wsiscan.config import config_checksum, load_samples, validate_config
+    from wsiscan.errors import ConfigError
+    from wsiscan.faults import failed_slides, failure_record_path
+except ImportError as exc:
+    raise WorkflowError(
+        f"wsiscan: cannot import the workflow's Python package ({exc}). Use the workflow from a "
+        "clone (its scripts/ folder holds the package), or install the package into the "
+        "environment that runs Snakemake"
+    ) from None
+
+
+def wsiscan_environment():
+    """What the rules' commands (:func:`wsiscan`) read: the interpreter and a PYTHONPATH that puts
+    this clone's ``scripts/`` first, so that jobs run the package of these rules, also in a
+    module used from elsewhere and in the conda environment (which holds only the package's
+    dependencies). Without conda the interpreter is the one running Snakemake (a SLURM job runs
+    that one again on its node). Environment variables, not text of the commands: moving the clone
+    or the venv changes no rule's code, so it re-runs no job."""
+    conda_jobs = (
+        DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+    )
+    path = [str(WSISCAN_SRC)] if WSISCAN_SRC is not None else []
+    user_path = os.environ.get("PYTHONPATH")  # Snakemake drops it for conda jobs
+    if user_path and not conda_jobs:
+        path.append(user_path)
+    return {
+        "WSISCAN_PYTHON": "python" if conda_jobs else sys.executable,
+        "WSISCAN_PYTHONPATH": os.pathsep.join(path),
+    }
+
+
+os.environ.update(wsiscan_environment())
+
+
+def wsiscan(arguments):
+    """A rule's shell command: ``python -m wsiscan <arguments>`` as set by
+    :func:`wsiscan_environment`."""
+    return f'PYTHONPATH="$WSISCAN_PYTHONPATH" "$WSISCAN_PYTHON" -m wsiscan {arguments}'
+
+
+WSISCAN_ENV = "../envs/wsiscan.yaml"
 
 try:
-    validate_config(config)
-    SAMPLES = load_samples(config["samples"])
+    SCHEMAS = {
+        name: workflow.source_path(f"../schemas/{name}.schema.yaml")
+        for name in ("config", "samples")
+    }
+    validate_config(config, schema=SCHEMAS["config"])
+    SAMPLES = load_samples(config["samples"], schema=SCHEMAS["samples"])
 except ConfigError as exc:
     raise WorkflowError(str(exc)) from None
 

@@ -24,8 +24,10 @@ rule detect:
         runtime=runtime("detect"),
         failure_record=failure_record,
     shell:
-        "wsiscan --failure-record {params.failure_record:q} detect"
-        " --slide-id {wildcards.slide:q} --probmap {input.probmap:q}"
-        " --out-lesions {output.lesions:q} --out-score {output.score:q}"
-        " --out-geojson {output.geojson:q} --out-xml {output.xml:q}"
-        " {params.settings:q} {params.runtime:q} > {log:q} 2>&1"
+        wsiscan(
+            "--failure-record {params.failure_record:q} detect"
+            " --slide-id {wildcards.slide:q} --probmap {input.probmap:q}"
+            " --out-lesions {output.lesions:q} --out-score {output.score:q}"
+            " --out-geojson {output.geojson:q} --out-xml {output.xml:q}"
+            " {params.settings:q} {params.runtime:q} > {log:q} 2>&1"
+        )

@@ -47,7 +47,9 @@ rule evaluate:
             else []
         ),
     shell:
-        "wsiscan evaluate --sheet {input.sheet:q} --model {input.model:q}"
-        " --results-dir results --out-dir results/cohort"
-        " --config-checksum {params.config_checksum} {params.failed:q}"
-        " {params.settings:q} {params.runtime:q} > {log:q} 2>&1"
+        wsiscan(
+            "evaluate --sheet {input.sheet:q} --model {input.model:q}"
+            " --results-dir results --out-dir results/cohort"
+            " --config-checksum {params.config_checksum} {params.failed:q}"
+            " {params.settings:q} {params.runtime:q} > {log:q} 2>&1"
+        )

@@ -21,5 +21,7 @@ rule init_model:
             ["--imagenet-weights", input.weights] if input.weights else []
         ),
     shell:
-        "wsiscan init_model --out-model {output.model:q} {params.weights:q}"
-        " {params.settings:q} {params.runtime:q} > {log:q} 2>&1"
+        wsiscan(
+            "init_model --out-model {output.model:q} {params.weights:q}"
+            " {params.settings:q} {params.runtime:q} > {log:q} 2>&1"
+        )

@@ -28,7 +28,9 @@ rule stitch:
         runtime=runtime("stitch"),
         failure_record=failure_record,
     shell:
-        "wsiscan --failure-record {params.failure_record:q} stitch"
-        " --slide-id {wildcards.slide:q} --slide {input.slide:q} --tiles {input.tiles:q}"
-        " --out-probmap {output.probmap:q} --out-qc {output.qc:q}"
-        " {params.settings:q} {params.runtime:q} > {log:q} 2>&1"
+        wsiscan(
+            "--failure-record {params.failure_record:q} stitch"
+            " --slide-id {wildcards.slide:q} --slide {input.slide:q} --tiles {input.tiles:q}"
+            " --out-probmap {output.probmap:q} --out-qc {output.qc:q}"
+            " {params.settings:q} {params.runtime:q} > {log:q} 2>&1"
+        )

@@ -20,6 +20,8 @@ rule synth_slide:
         settings=settings("synth_slide"),
         runtime=runtime("synth_slide"),
     shell:
-        "wsiscan synth_slide --slide-id {wildcards.slide:q} --label {params.label}"
-        " --out-slide {output.slide:q} --out-xml {output.xml:q}"
-        " {params.settings:q} {params.runtime:q} > {log:q} 2>&1"
+        wsiscan(
+            "synth_slide --slide-id {wildcards.slide:q} --label {params.label}"
+            " --out-slide {output.slide:q} --out-xml {output.xml:q}"
+            " {params.settings:q} {params.runtime:q} > {log:q} 2>&1"
+        )

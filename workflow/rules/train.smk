@@ -28,8 +28,10 @@ rule train_patches:
         settings=settings("train_patches"),
         runtime=runtime("train_patches"),
     shell:
-        "wsiscan train_patches --sheet {input.sheet:q} --masks {input.masks:q}"
-        " --out-patches {output.patches:q} {params.settings:q} {params.runtime:q} > {log:q} 2>&1"
+        wsiscan(
+            "train_patches --sheet {input.sheet:q} --masks {input.masks:q}"
+            " --out-patches {output.patches:q} {params.settings:q} {params.runtime:q} > {log:q} 2>&1"
+        )
 
 
 rule train_round:
@@ -61,11 +63,13 @@ rule train_round:
         settings=settings("train_round"),
         runtime=runtime("train_round"),
     shell:
-        "wsiscan train_round --round-index {wildcards.round} --patches {input.patches:q}"
-        " --hard-negatives {input.hard_negatives:q} {params.init:q}"
-        " --out-model {output.model:q} --out-metrics {output.metrics:q}"
-        " --out-loss-png {output.loss_png:q} {params.settings:q} {params.runtime:q}"
-        " > {log:q} 2>&1"
+        wsiscan(
+            "train_round --round-index {wildcards.round}"
+            " --patches {input.patches:q} --hard-negatives {input.hard_negatives:q} {params.init:q}"
+            " --out-model {output.model:q} --out-metrics {output.metrics:q}"
+            " --out-loss-png {output.loss_png:q} {params.settings:q} {params.runtime:q}"
+            " > {log:q} 2>&1"
+        )
 
 
 rule mine_negatives:
@@ -92,7 +96,9 @@ rule mine_negatives:
         settings=settings("mine_negatives"),
         runtime=runtime("mine_negatives"),
     shell:
-        "wsiscan mine_negatives --round-index {wildcards.round} --patches {input.patches:q}"
-        " --model {input.model:q} --rois {input.rois:q}"
-        " --out-hard-negatives {output.hard_negatives:q}"
-        " {params.settings:q} {params.runtime:q} > {log:q} 2>&1"
+        wsiscan(
+            "mine_negatives --round-index {wildcards.round}"
+            " --patches {input.patches:q} --model {input.model:q} --rois {input.rois:q}"
+            " --out-hard-negatives {output.hard_negatives:q}"
+            " {params.settings:q} {params.runtime:q} > {log:q} 2>&1"
+        )

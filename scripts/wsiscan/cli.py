@@ -117,6 +117,8 @@ STAGES: dict[str, Stage] = {
         Stage("stitch", "stitch", "Dense tiles into the slide probability map: probmap.h5.", (
             Arg("slide", "whole-slide image (for the QC thumbnail)"),
             Arg("tiles", "tiles.h5 of the infer stage"),
+            Arg("mask", "tissue.png of the tissue_mask stage (confines the map to tissue)",
+                optional=True),
             Arg("out_probmap", "probmap.h5 to write"),
             Arg("out_qc", "QC heat map PNG to write"),
         )),

@@ -257,6 +257,12 @@ SETTINGS: dict[str, Setting] = {
            "mask; 0 = none", unit="um", minimum=0.0, maximum=10_000.0),
         _s("stitch.closing_radius_um", float, 0.0, "radius of the closing disk of the lesion "
            "mask; 0 = none", unit="um", minimum=0.0, maximum=10_000.0),
+        _s("stitch.confine_to_tissue", bool, True, "set the map to 0 outside the tissue mask "
+           "(dilated by tissue_margin_um): pen ink, labels and dust on the glass yield no lesion "
+           "and no slide score"),
+        _s("stitch.tissue_margin_um", float, 100.0, "the tissue mask is dilated by this before "
+           "it confines the map, so tumour at the tissue border is kept", unit="um", minimum=0.0,
+           maximum=10_000.0),
         # -- detect --
         _s("detect.method", str, "nms", "nms: iterative non-maximum suppression; components: one "
            "point per component of the lesion mask", choices=("nms", "components")),
@@ -534,6 +540,8 @@ class StitchParams(StageParams):
     threshold: float = key()
     opening_radius_um: float = key()
     closing_radius_um: float = key()
+    confine_to_tissue: bool = key()
+    tissue_margin_um: float = key()
 
 
 @stage_params("detect", "detect")

@@ -238,7 +238,7 @@ def test_every_output_records_version_and_model(capsys, finished, model_pt, tmp_
     )  # fmt: skip
     assert rc == 0, err
     metrics = json.loads((tmp_path / "c" / "metrics.json").read_text())
-    assert metrics["model"] == {"path": str(model_pt), "sha256": sha}
+    assert metrics["model"] == {"path": str(model_pt), "sha256": sha, "round": None}  # untrained
     assert metrics["model_checksums"] == [sha] and metrics["wsiscan_version"] == __version__
     assert metrics["config_checksum"] == "0123456789abcdef"
 

@@ -140,6 +140,10 @@ STAGES: dict[str, Stage] = {
             Arg("failed", "with --allow-missing: slides to list as failed (default: those whose "
                 "FAILED.json is newer than their files)", many=True, optional=True, type=str),
         ), per_slide=False),
+        Stage("round_summary", "evaluate", "The cohort figures of every training round: rounds.tsv.", (
+            _many("metrics", "metrics.json of each round's evaluation"),
+            Arg("out_rounds", "rounds.tsv to write"),
+        ), per_slide=False),
         Stage("train_patches", "patches", "Draw the base training patch centres: patches.h5.", (
             Arg("sheet", "sample sheet: its train split is drawn from"),
             _many("masks", "tissue.png of every training slide"),

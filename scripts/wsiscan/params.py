@@ -286,6 +286,9 @@ SETTINGS: dict[str, Setting] = {
         _s("evaluate.seed", int, 0, "bootstrap seed"),
         _s("evaluate.allow_missing", bool, False, "evaluate the slides that finished and list "
            "the failed ones in metrics.json"),
+        _s("evaluate.every_round", bool, False, "also scan and evaluate the split with the model "
+           "of every earlier training round (results/rounds/round<k>/); results/cohort/rounds.tsv "
+           "compares the rounds"),
         # -- train --
         _s("train.rounds", int, 2, "training rounds; raising it later runs only the new rounds "
            "(0: an untrained model)", minimum=0, maximum=50),
@@ -382,6 +385,7 @@ WIRING: dict[str, str] = {
     "train.round_init": "train_round's starting model (round plan)",
     "train.finetune_epochs": "train_round's epochs in fine-tuning rounds (round plan)",
     "train.finetune_lr_scale": "train_round's lr in fine-tuning rounds (round plan)",
+    "evaluate.every_round": "which infer, stitch, detect and evaluate jobs of earlier rounds exist",
 }
 
 #: Config keys renamed since 0.1 (old key: new key), named in the error for an old config.
@@ -567,6 +571,11 @@ class EvaluateParams(StageParams):
     allow_missing: bool = key()
 
 
+@stage_params("round_summary", "evaluate")
+class RoundSummaryParams(StageParams):
+    """Stage ``round_summary``: the cohort figures of every training round side by side."""
+
+
 @stage_params("train_patches", "train")
 class TrainPatchesParams(StageParams):
     """Stage ``train_patches``: the base training patch centres."""
@@ -655,6 +664,7 @@ STAGE_PARAMS: dict[str, type[StageParams]] = {
         StitchParams,
         DetectParams,
         EvaluateParams,
+        RoundSummaryParams,
         TrainPatchesParams,
         TrainRoundParams,
         MineNegativesParams,

@@ -343,6 +343,8 @@ def bench_stitch_rss(smoke: bool) -> dict[str, Any]:
             "stitch",
             "--tiles",
             str(tmp / "tiles.h5"),
+            "--mask",
+            str(tmp / "tissue.png"),
             "--slide",
             str(slide_path),
             "--slide-id",

@@ -288,7 +288,8 @@ def false_positives(
         d = out / sid
         infer(slide, rois, model, d / "tiles.h5", infer_params, slide_id=sid)
         # no QC picture: only the map counts here
-        stitch(slide, d / "tiles.h5", d / "probmap.h5", None, stitch_params, slide_id=sid)
+        mask = rois.with_name("tissue.png")
+        stitch(slide, d / "tiles.h5", mask, d / "probmap.h5", None, stitch_params, slide_id=sid)
         record = detect(
             d / "probmap.h5",
             d / "lesions.csv",

@@ -150,7 +150,7 @@ def stage_args(r: Result, stage: str, model: Path) -> list[str | Path]:
             "--out-tiles", r.tiles, "--workers", "0", "--device", "cpu",
         ],
         "stitch": [
-            "stitch", "--slide", r.slide, *common, "--tiles", r.tiles,
+            "stitch", "--slide", r.slide, *common, "--tiles", r.tiles, "--mask", r.mask,
             "--out-probmap", r.probmap, "--out-qc", r.heatmap,
             "--opening-radius-um", "8", "--closing-radius-um", "16",
         ],

@@ -238,7 +238,7 @@ def test_every_output_records_version_and_model(capsys, finished, model_pt, tmp_
     )  # fmt: skip
     assert rc == 0, err
     metrics = json.loads((tmp_path / "c" / "metrics.json").read_text())
-    assert metrics["model"] == {"path": str(model_pt), "sha256": sha}
+    assert metrics["model"] == {"path": str(model_pt), "sha256": sha, "round": None}  # untrained
     assert metrics["model_checksums"] == [sha] and metrics["wsiscan_version"] == __version__
     assert metrics["config_checksum"] == "0123456789abcdef"
 
@@ -507,7 +507,7 @@ def test_killed_infer_job_is_redone_and_identical(workdir):
         ref / "tiles.h5", InferParams(batch_size=1, workers=0, device="cpu"), slide_id="k1",
     )  # fmt: skip
     stitch(
-        None, ref / "tiles.h5", ref / "probmap.h5", None,
+        None, ref / "tiles.h5", res / "tissue.png", ref / "probmap.h5", None,
         StitchParams(threshold=0.5, opening_radius_um=0.0, closing_radius_um=0.0), slide_id="k1",
     )  # fmt: skip
     with h5py.File(res / "tiles.h5") as a, h5py.File(ref / "tiles.h5") as b:

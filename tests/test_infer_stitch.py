@@ -40,7 +40,10 @@ SLIDE_W, SLIDE_H, MPP = 300, 240, 0.5
 GEO = Geometry.for_arch("vgg16", n=1, alpha=2)  # Lr 276, Sd 16, Sr 64, block 292, tile 4
 MISSING_BLOCK = (2, 1)  # (bx, by) left out of the grid: its cells must stay 0
 # the stitch radii the old stitch function defaulted to (StitchParams() defaults to 0 / 0 um)
-OLD_STITCH_DEFAULTS = StitchParams(opening_radius_um=8.0, closing_radius_um=16.0)
+#: The old command-line radii; these synthetic slides have no tissue mask to confine the map to.
+OLD_STITCH_DEFAULTS = StitchParams(
+    opening_radius_um=8.0, closing_radius_um=16.0, confine_to_tissue=False
+)
 
 
 def smooth_texture(h: int, w: int, seed: int) -> np.ndarray:
@@ -268,7 +271,9 @@ def test_zero_blocks(slide, model_file, tmp_path):
     assert summary["blocks"] == 0
     with h5py.File(tiles_h5, "r") as f:
         assert f["tiles"].shape == (0, GEO.tile_side, GEO.tile_side)
-    result = stitch(slide_path, tiles_h5, probmap, qc, OLD_STITCH_DEFAULTS, slide_id="synthetic")
+    result = stitch(
+        slide_path, tiles_h5, None, probmap, qc, OLD_STITCH_DEFAULTS, slide_id="synthetic"
+    )
     assert result["tiles"] == 0 and result["mask_cells"] == 0
     with h5py.File(probmap, "r") as f:
         assert f["prob"].shape == (15, 19) and not f["prob"][()].any() and not f["mask"][()].any()
@@ -355,8 +360,10 @@ def test_stitch_strips_and_edge_crop(slide, model_file, tmp_path):
         f["tiles"] = np.repeat(values, T * T).reshape(n, T, T)
         grid = src["grid_xy"][()]
     a, b = tmp_path / "a.h5", tmp_path / "b.h5"
-    stitch(None, tiles_h5, a, None, OLD_STITCH_DEFAULTS, slide_id="synthetic", strip_rows=1)
-    stitch(None, tiles_h5, b, None, OLD_STITCH_DEFAULTS, slide_id="synthetic", strip_rows=10_000)
+    stitch(None, tiles_h5, None, a, None, OLD_STITCH_DEFAULTS, slide_id="synthetic", strip_rows=1)
+    stitch(
+        None, tiles_h5, None, b, None, OLD_STITCH_DEFAULTS, slide_id="synthetic", strip_rows=10_000
+    )
     with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
         pa, pb = fa["prob"][()], fb["prob"][()]
         np.testing.assert_array_equal(pa, pb)
@@ -367,7 +374,7 @@ def test_stitch_strips_and_edge_crop(slide, model_file, tmp_path):
         assert block.size and np.all(block == values[k])
     assert pa.shape == (15, 19) and np.all(pa > 0)  # last row/column cropped, nothing missing
     with pytest.raises(SlideError, match="belongs to slide"):
-        stitch(None, tiles_h5, a, None, OLD_STITCH_DEFAULTS, slide_id="other")
+        stitch(None, tiles_h5, None, a, None, OLD_STITCH_DEFAULTS, slide_id="other")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -5,6 +5,7 @@ run-time settings never re-run a job."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 import re
 from pathlib import Path
@@ -378,7 +379,7 @@ def trained_cohort(tmp_path_factory) -> Path:
     cfg["scan"]["n"] = 8
     cfg["slide"]["mpp_fallback"] = 0.5
     cfg["infer"].update(workers=0, batch_size=4, device="cpu")
-    cfg["evaluate"]["bootstrap"] = 20
+    cfg["evaluate"].update(bootstrap=20, every_round=True)
     cfg["train"].update(
         rounds=2, n_patches=200, epochs=1, finetune_epochs=1, patches_per_epoch=32,
         batch_size=16, val_patches=16, workers=0, threads=1, device="cpu", warmup_steps=1,
@@ -454,3 +455,23 @@ def test_mpp_fallback_reruns_only_the_slides_without_a_resolution(trained_cohort
         }, out[-3000:]
     finally:
         (root / "config" / "config.yaml").write_text(original)
+
+
+@pytest.mark.slow
+def test_every_training_round_is_evaluated(trained_cohort: Path):
+    """evaluate.every_round: round 1's model scans the test split too, and rounds.tsv sets the
+    figures that keep moving (false positives per normal slide, low-FP sensitivities) per round."""
+    import pandas as pd
+
+    root = trained_cohort
+    table = pd.read_csv(root / "results" / "cohort" / "rounds.tsv", sep="\t")
+    assert table["round"].tolist() == [1, 2]
+    assert table["model"].tolist() == [f"results/train/round{k}/model.pt" for k in (1, 2)]
+    for column in ("fp_per_normal_slide", "sensitivity_at_0.25_fp", "sensitivity_at_0.5_fp"):
+        assert table[column].notna().all(), column
+    for k in (1, 2):
+        base = root / "results" / ("rounds/round1" if k == 1 else "")
+        metrics = json.loads((base / "cohort" / "metrics.json").read_text())
+        assert metrics["model"]["round"] == k
+        assert metrics["fp_per_normal_slide"] == table["fp_per_normal_slide"][k - 1]
+    assert (root / "results" / "rounds" / "round1" / "sn" / "lesions.csv").is_file()

@@ -383,6 +383,31 @@ def test_loader_workers_give_the_same_training(patches, tmp_path):
     assert out[2]["workers"] == 2
 
 
+def test_identical_training_writes_identical_files(cohort, patches, tmp_path):
+    """model.pt holds no run timings and hard_negatives.h5 no timestamps: the same round trained
+    (and mined) twice gives files with the same SHA-256, so model_checksum is reproducible."""
+    from wsiscan.fileio import sha256_file
+
+    digests = []
+    for name in ("a", "b"):
+        d = tmp_path / name
+        train_round(
+            patches, d / "model.pt", d / "metrics.json", d / "loss.png",
+            tiny_params(epochs=1), round_index=1,
+        )  # fmt: skip
+        rois = [str(s["rois"]) for s in cohort["slides"].values()]
+        args = ["mine_negatives", "--round-index", "1", "--patches", str(patches), "--model"]
+        args += [str(d / "model.pt"), "--rois", *rois]
+        args += ["--out-hard-negatives", str(d / "hard_negatives.h5"), "--threshold", "0.4"]
+        args += ["--workers", "0", "--device", "cpu", "--block-fraction", "0.2"]
+        assert cli.main(args) == 0
+        digests.append((sha256_file(d / "model.pt"), sha256_file(d / "hard_negatives.h5")))
+    assert digests[0] == digests[1]
+    meta = load_checkpoint(tmp_path / "a" / "model.pt")[1]["meta"]
+    assert not {"samples_per_s", "train_s", "epoch_time_s", "data_wait_s"} & set(meta["final"])
+    assert "workers" not in meta["train_params"] and "device" not in meta["train_params"]
+
+
 # -- mining ---------------------------------------------------------------------------------------
 def purple_detector(path: Path) -> ScanNet:
     """A slim ScanNet whose weights respond to the dark-purple texture: conv1 computes

@@ -117,6 +117,8 @@ STAGES: dict[str, Stage] = {
         Stage("stitch", "stitch", "Dense tiles into the slide probability map: probmap.h5.", (
             Arg("slide", "whole-slide image (for the QC thumbnail)"),
             Arg("tiles", "tiles.h5 of the infer stage"),
+            Arg("mask", "tissue.png of the tissue_mask stage (confines the map to tissue)",
+                optional=True),
             Arg("out_probmap", "probmap.h5 to write"),
             Arg("out_qc", "QC heat map PNG to write"),
         )),
@@ -137,6 +139,10 @@ STAGES: dict[str, Stage] = {
                 optional=True),
             Arg("failed", "with --allow-missing: slides to list as failed (default: those whose "
                 "FAILED.json is newer than their files)", many=True, optional=True, type=str),
+        ), per_slide=False),
+        Stage("round_summary", "evaluate", "The cohort figures of every training round: rounds.tsv.", (
+            _many("metrics", "metrics.json of each round's evaluation"),
+            Arg("out_rounds", "rounds.tsv to write"),
         ), per_slide=False),
         Stage("train_patches", "patches", "Draw the base training patch centres: patches.h5.", (
             Arg("sheet", "sample sheet: its train split is drawn from"),

@@ -40,6 +40,7 @@ point at or below each FP rate).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import warnings
@@ -57,7 +58,7 @@ from .faults import describe_failure, failed_slides, failure_record_path, read_f
 from .fileio import atomic_dir, atomic_write, sha256_file, write_json
 from .formats.lesions import read_lesions_csv, read_score_json, write_lesions_csv
 from .formats.probmap import read_probmap_attrs
-from .params import EvaluateParams
+from .params import EvaluateParams, RoundSummaryParams
 
 log = logging.getLogger(__name__)
 
@@ -557,11 +558,22 @@ def write_submission(out_dir: Path, results: list[SlideResult]) -> None:
 
 
 def _model_provenance(model_path: str | Path | None) -> dict | None:
-    """``{"path", "sha256"}`` of the model checkpoint (sha256 None when the file is gone)."""
+    """``{"path", "sha256", "round"}`` of the model checkpoint (sha256 None when the file is
+    gone; round: the training round that wrote it, None for an untrained or foreign model)."""
     if model_path is None:
         return None
+    from .errors import CheckpointError
+    from .formats.checkpoint import read_checkpoint_config
+
     path = Path(model_path)
-    return {"path": str(path), "sha256": sha256_file(path) if path.is_file() else None}
+    if not path.is_file():
+        return {"path": str(path), "sha256": None, "round": None}
+    try:
+        meta = read_checkpoint_config(path).get("meta") or {}
+    except CheckpointError:
+        meta = {}
+    trained_round = meta.get("round") if meta.get("trained") else None
+    return {"path": str(path), "sha256": sha256_file(path), "round": trained_round}
 
 
 def _json_float(x: float | None) -> float | None:
@@ -801,6 +813,13 @@ def evaluate(
     return metrics
 
 
+def fp_per_normal_slide(results: list[SlideResult]) -> float | None:
+    """Mean number of lesion points per normal slide: each one a false positive (at the
+    detection threshold). None without normal slides."""
+    counts = [len(r.lesions) for r in results if r.label == "normal"]
+    return float(np.mean(counts)) if counts else None
+
+
 def cohort_metrics(
     params: EvaluateParams,
     results: list[SlideResult],
@@ -834,6 +853,7 @@ def cohort_metrics(
         "n_slides": len(results),
         "n_tumor": int(y.sum()),
         "n_normal": int(len(y) - y.sum()),
+        "fp_per_normal_slide": fp_per_normal_slide(results),
         "auc": _json_float(auc),
         "auc_ci95": boot["auc_ci95"],
         "froc": _json_float(froc["score"]) if froc else None,
@@ -866,3 +886,43 @@ def cohort_metrics(
         "config_checksum": config_checksum,
         "warnings": warn.items,
     }
+
+
+# -- the rounds side by side -----------------------------------------------------------------------
+ROUND_COLUMNS = (
+    "round", "model", "n_slides", "auc", "froc", "fp_per_normal_slide", "sensitivity_at_0.25_fp",
+    "sensitivity_at_0.5_fp", "sensitivity_at_1_fp",
+)  # fmt: skip
+
+
+def round_summary(
+    metrics: Sequence[str | Path], out_rounds: str | Path, params: RoundSummaryParams
+) -> pd.DataFrame:
+    """Stage ``round_summary``: one row per ``metrics.json`` (the evaluation of one training
+    round's model), by round: AUC, FROC, false positives per normal slide and the sensitivity at
+    0.25, 0.5 and 1 FP per slide. Writes ``rounds.tsv``; returns the table."""
+    rows = []
+    for path in metrics:
+        try:
+            m = json.loads(Path(path).read_text())
+            sens = m["sensitivity_at_fp"]
+            rows.append(
+                {
+                    "round": (m.get("model") or {}).get("round"),
+                    "model": (m.get("model") or {}).get("path"),
+                    "n_slides": m["n_slides"],
+                    "auc": m["auc"],
+                    "froc": m["froc"],
+                    "fp_per_normal_slide": m.get("fp_per_normal_slide"),
+                    "sensitivity_at_0.25_fp": sens.get("0.25"),
+                    "sensitivity_at_0.5_fp": sens.get("0.5"),
+                    "sensitivity_at_1_fp": sens.get("1"),
+                }
+            )
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SlideError(None, path, f"not a metrics.json of the evaluate stage: {exc!r}")
+    table = pd.DataFrame(rows, columns=list(ROUND_COLUMNS)).sort_values("round", kind="stable")
+    with atomic_write(out_rounds) as fh:
+        table.to_csv(fh, sep="\t", index=False)
+    log.info("rounds:\n%s", table.to_string(index=False))
+    return table

@@ -333,7 +333,7 @@ def mine_negatives(
         "Sf": table.attrs.get("Sf", 0),
         **{f"geometry_{k}": v for k, v in grids[table.slide_id[0]].geometry.as_attrs().items()},
         **result_fields(params),
-        "summary_json": json.dumps(summary),
+        "summary_json": json.dumps({k: v for k, v in summary.items() if k != "path"}),
     }
     write_patch_table(out_hard_negatives, out, attrs)
     n = len(out)

@@ -257,6 +257,12 @@ SETTINGS: dict[str, Setting] = {
            "mask; 0 = none", unit="um", minimum=0.0, maximum=10_000.0),
         _s("stitch.closing_radius_um", float, 0.0, "radius of the closing disk of the lesion "
            "mask; 0 = none", unit="um", minimum=0.0, maximum=10_000.0),
+        _s("stitch.confine_to_tissue", bool, True, "set the map to 0 outside the tissue mask "
+           "(dilated by tissue_margin_um): pen ink, labels and dust on the glass yield no lesion "
+           "and no slide score"),
+        _s("stitch.tissue_margin_um", float, 100.0, "the tissue mask is dilated by this before "
+           "it confines the map, so tumour at the tissue border is kept", unit="um", minimum=0.0,
+           maximum=10_000.0),
         # -- detect --
         _s("detect.method", str, "nms", "nms: iterative non-maximum suppression; components: one "
            "point per component of the lesion mask", choices=("nms", "components")),
@@ -280,6 +286,9 @@ SETTINGS: dict[str, Setting] = {
         _s("evaluate.seed", int, 0, "bootstrap seed"),
         _s("evaluate.allow_missing", bool, False, "evaluate the slides that finished and list "
            "the failed ones in metrics.json"),
+        _s("evaluate.every_round", bool, False, "also scan and evaluate the split with the model "
+           "of every earlier training round (results/rounds/round<k>/); results/cohort/rounds.tsv "
+           "compares the rounds"),
         # -- train --
         _s("train.rounds", int, 2, "training rounds; raising it later runs only the new rounds "
            "(0: an untrained model)", minimum=0, maximum=50),
@@ -376,6 +385,7 @@ WIRING: dict[str, str] = {
     "train.round_init": "train_round's starting model (round plan)",
     "train.finetune_epochs": "train_round's epochs in fine-tuning rounds (round plan)",
     "train.finetune_lr_scale": "train_round's lr in fine-tuning rounds (round plan)",
+    "evaluate.every_round": "which infer, stitch, detect and evaluate jobs of earlier rounds exist",
 }
 
 #: Config keys renamed since 0.1 (old key: new key), named in the error for an old config.
@@ -534,6 +544,8 @@ class StitchParams(StageParams):
     threshold: float = key()
     opening_radius_um: float = key()
     closing_radius_um: float = key()
+    confine_to_tissue: bool = key()
+    tissue_margin_um: float = key()
 
 
 @stage_params("detect", "detect")
@@ -557,6 +569,11 @@ class EvaluateParams(StageParams):
     bootstrap: int = key()
     seed: int = key()
     allow_missing: bool = key()
+
+
+@stage_params("round_summary", "evaluate")
+class RoundSummaryParams(StageParams):
+    """Stage ``round_summary``: the cohort figures of every training round side by side."""
 
 
 @stage_params("train_patches", "train")
@@ -647,6 +664,7 @@ STAGE_PARAMS: dict[str, type[StageParams]] = {
         StitchParams,
         DetectParams,
         EvaluateParams,
+        RoundSummaryParams,
         TrainPatchesParams,
         TrainRoundParams,
         MineNegativesParams,

@@ -5,6 +5,14 @@ followed by a binary opening then closing with disks of radius ``opening_radius_
 ``closing_radius_um`` (converted to cells by ``Sd * mpp``; 0 = off). The image border does not
 erode or dilate (``mode="ignore"``).
 
+Confinement to tissue (``confine_to_tissue``, on by default): the ROI blocks cover glass around
+the tissue, where pen ink, labels and dust can look like anything to the network. The map is set
+to 0 in every cell whose centre lies farther than ``tissue_margin_um`` from the slide's tissue
+mask (``tissue.png``; the distance is the exact Euclidean distance on the mask's raster, so it is
+accurate to one mask pixel), so those cells give no lesion point, no lesion mask and no slide
+score. Cells at or above ``threshold`` that the confinement removed are kept in the ``masked``
+dataset and drawn on the QC heat map, with the outline of the confinement.
+
 Memory stays bounded by the slide *width*: tiles are placed one strip of block rows at a time
 into a chunked HDF5 dataset, and the mask is computed strip by strip with a halo of rows wide
 enough for the morphology (so it equals the whole-map result exactly).
@@ -22,10 +30,11 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .errors import SlideError
+from .errors import ConfigError, SlideError
 from .fileio import OutputWriteError, atomic_write
 from .formats.probmap import write_probmap
 from .formats.tiles import TilesFile, TilesHeader, open_tiles
+from .formats.tissue_mask import check_mask_fits, read_tissue_mask
 from .params import StitchParams
 
 log = logging.getLogger(__name__)
@@ -115,20 +124,21 @@ def slide_thumbnail(slide, target_mpp: float = QC_TARGET_MPP, max_side: int = QC
 
 
 def write_heatmap(
-    png: str | Path, prob_ds, header: TilesHeader, threshold: float, thumb: np.ndarray | None
+    png: str | Path,
+    prob_ds,
+    masked_ds,
+    header: TilesHeader,
+    threshold: float,
+    thumb: np.ndarray | None,
+    confinement: Confinement | None,
 ) -> None:
-    """The QC heat map (probability over the thumbnail) as a PNG; :class:`SlideError` when it
-    cannot be written."""
+    """The QC heat map (probability over the thumbnail; the confinement to tissue outlined and
+    the cells it removed marked) as a PNG; :class:`SlideError` when it cannot be written."""
     try:
         _draw_heatmap(
-            Path(png),
-            prob_ds,
-            header.geometry.Sd,
-            header.slide_wh,
-            header.slide_id,
-            threshold,
-            thumb,
-        )
+            Path(png), prob_ds, masked_ds, header.geometry.Sd, header.slide_wh, header.slide_id,
+            threshold, thumb, confinement,
+        )  # fmt: skip
     except OSError as exc:
         raise SlideError(
             header.slide_id,
@@ -137,31 +147,41 @@ def write_heatmap(
         ) from exc
 
 
+def _reduce(ds, factor: int, func) -> np.ndarray:
+    """``block_reduce(ds, (factor, factor), func)`` read in bands (a 2-D dataset or array)."""
+    from skimage.measure import block_reduce
+
+    rows = ds.shape[0]
+    step = factor * max(1, 1024 // factor)
+    return np.concatenate(
+        [
+            block_reduce(ds[r : min(rows, r + step)], (factor, factor), func, cval=0)
+            for r in range(0, rows, step)
+        ],
+        axis=0,
+    )
+
+
 def _draw_heatmap(
     png: Path,
     prob_ds,
+    masked_ds,
     stride_px: int,
     slide_wh: tuple[int, int],
     slide_id: str,
     threshold: float,
     thumb: np.ndarray | None,
+    confinement: Confinement | None,
 ) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from skimage.measure import block_reduce
 
     rows, cols = prob_ds.shape
     factor = max(1, math.ceil(max(rows, cols) / QC_MAX_SIDE))
-    step = factor * max(1, 1024 // factor)
-    small = np.concatenate(
-        [
-            block_reduce(prob_ds[r : min(rows, r + step)], (factor, factor), np.max, cval=0.0)
-            for r in range(0, rows, step)
-        ],
-        axis=0,
-    )
+    small = _reduce(prob_ds, factor, np.max)
+    removed = _reduce(masked_ds, factor, np.max) > 0
     W, H = slide_wh
     cell = factor * stride_px
     extent = (0, small.shape[1] * cell, small.shape[0] * cell, 0)
@@ -183,13 +203,31 @@ def _draw_heatmap(
             alpha=0.5,
             interpolation="nearest",
         )
+        title = (
+            f"{slide_id}: tumour probability (stride {stride_px} px, max {float(small.max()):.2f},"
+            f" mask >= {threshold:g})"
+        )
+        if confinement is not None:
+            dsx, dsy = confinement.downsample_xy
+            h_mask, w_mask = confinement.allowed.shape
+            if confinement.allowed.any() and not confinement.allowed.all():
+                ax.contour(
+                    confinement.allowed.astype(np.float32),
+                    levels=[0.5],
+                    colors="0.15",
+                    linewidths=0.8,
+                    linestyles="dashed",
+                    extent=(0, w_mask * dsx, 0, h_mask * dsy),
+                    origin="upper",
+                )
+            title += "\ndashed: the map is confined to the tissue"
+            if removed.any():
+                ys, xs = np.nonzero(removed)
+                ax.scatter((xs + 0.5) * cell, (ys + 0.5) * cell, s=8, marker="x", c="black")
+                title += f"; x: {int(removed.sum())} places >= {threshold:g} set to 0 there"
         ax.set_xlim(0, W)
         ax.set_ylim(H, 0)
-        ax.set_title(
-            f"{slide_id}: tumour probability (stride {stride_px} px, max {float(small.max()):.2f},"
-            f" mask >= {threshold:g})",
-            fontsize=9,
-        )
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("level-0 x (px)")
         ax.set_ylabel("level-0 y (px)")
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="tumour probability")
@@ -256,10 +294,66 @@ def read_thumbnail(slide_path: str | Path | None, header: TilesHeader, tiles: Pa
     return thumb
 
 
-def place_tiles(src: TilesFile, prob_out: Any, layout: MapLayout, check_writes: Any) -> dict:
-    """Write every tile of ``src`` into ``prob_out`` (rows x cols), strip by strip; tiles outside
-    the map are skipped with a warning, a block given twice is an error. Returns counts and the
-    maximum probability."""
+@dataclass(frozen=True)
+class Confinement:
+    """Where the map may be non-zero: the dilated tissue mask (at the mask's resolution) and, per
+    map row and column, the mask pixel holding the cell centre."""
+
+    allowed: np.ndarray  # bool (mask rows, mask cols)
+    mask_row: np.ndarray  # int64 (map rows,)
+    mask_col: np.ndarray  # int64 (map cols,)
+    downsample_xy: tuple[float, float]  # level-0 px per mask px
+
+    def cells(self, r0: int, r1: int) -> np.ndarray:
+        """bool (r1 - r0, map cols): the cells of map rows ``r0 .. r1-1`` that stay."""
+        return self.allowed[np.ix_(self.mask_row[r0:r1], self.mask_col)]
+
+
+def tissue_confinement(
+    mask_png: str | Path, header: TilesHeader, layout: MapLayout, margin_um: float
+) -> Confinement:
+    """The confinement of the map of ``header``'s slide by its tissue mask dilated by
+    ``margin_um`` (Euclidean distance on the mask raster, anisotropic downsamples included)."""
+    from scipy import ndimage as ndi
+
+    tissue, meta = read_tissue_mask(mask_png, header.slide_id)
+    check_mask_fits(meta, header.slide_wh, header.slide_id, mask_png)
+    dsx, dsy = float(meta["downsample_x"]), float(meta["downsample_y"])
+    if tissue.any():
+        spacing_um = (dsy * header.mpp, dsx * header.mpp)
+        allowed = ndi.distance_transform_edt(~tissue, sampling=spacing_um) <= margin_um
+    else:
+        allowed = np.zeros(tissue.shape, bool)
+    centres = (np.arange(max(layout.rows, layout.cols)) + 0.5) * layout.stride_px
+    row = np.clip(np.floor(centres[: layout.rows] / dsy), 0, tissue.shape[0] - 1)
+    col = np.clip(np.floor(centres[: layout.cols] / dsx), 0, tissue.shape[1] - 1)
+    return Confinement(allowed, row.astype(np.int64), col.astype(np.int64), (dsx, dsy))
+
+
+def confine_strip(
+    buffer: np.ndarray, r0: int, confinement: Confinement | None, threshold: float
+) -> np.ndarray:
+    """Zero the cells of ``buffer`` (map rows ``r0 ..``) outside the confinement, in place;
+    returns the uint8 ``masked`` strip: 1 where a cell at or above ``threshold`` was zeroed."""
+    if confinement is None:
+        return np.zeros(buffer.shape, np.uint8)
+    outside = ~confinement.cells(r0, r0 + buffer.shape[0])
+    masked = (outside & (buffer >= threshold)).astype(np.uint8)
+    buffer[outside] = 0.0
+    return masked
+
+
+def place_tiles(
+    src: TilesFile,
+    dst: Any,
+    layout: MapLayout,
+    confinement: Confinement | None,
+    threshold: float,
+) -> dict:
+    """Write every tile of ``src`` into ``dst.prob`` (rows x cols), strip by strip, confined to
+    tissue (cells removed at or above ``threshold`` go to ``dst.masked``); tiles outside the map
+    are skipped with a warning, a block given twice is an error. Returns counts and the maximum
+    probability kept and removed."""
     grid_xy = src.grid_xy
     slide_id, T = src.header.slide_id, layout.tile_side
     rows, cols = layout.rows, layout.cols
@@ -274,6 +368,7 @@ def place_tiles(src: TilesFile, prob_out: Any, layout: MapLayout, check_writes: 
     order = kept[np.lexsort((bx_all[kept], by_all[kept]))]  # by row (by), then bx
     strip_of = by_all[order] // layout.block_rows_per_strip
     placed, max_prob, strip_h = 0, 0.0, layout.strip_rows
+    masked_cells, masked_max = 0, 0.0
     for r0 in range(0, rows, strip_h):
         r1 = min(rows, r0 + strip_h)
         buffer = np.zeros((r1 - r0, cols), np.float32)
@@ -284,14 +379,26 @@ def place_tiles(src: TilesFile, prob_out: Any, layout: MapLayout, check_writes: 
             h, w = min(T, (r1 - r0) - y0), min(T, cols - x0)
             buffer[y0 : y0 + h, x0 : x0 + w] = src.tile(int(k), h, w)
             placed += 1
-        prob_out[r0:r1] = buffer
-        check_writes()  # a failed write (disk full) stops the run here
+        raw_max = float(buffer.max(initial=0.0))
+        masked = confine_strip(buffer, r0, confinement, threshold)
+        if masked.any():
+            masked_cells += int(masked.sum())
+            masked_max = max(masked_max, raw_max)
+        dst.prob[r0:r1] = buffer
+        dst.masked[r0:r1] = masked
+        dst.check()  # a failed write (disk full) stops the run here
         max_prob = max(max_prob, float(buffer.max(initial=0.0)))
-    return {"placed": placed, "skipped": skipped, "max_prob": max_prob}
+    return {
+        "placed": placed,
+        "skipped": skipped,
+        "max_prob": max_prob,
+        "masked_cells": masked_cells,
+        "masked_max_prob": masked_max,
+    }
 
 
 def probmap_attrs(
-    header: TilesHeader, layout: MapLayout, params: StitchParams, placed: int
+    header: TilesHeader, layout: MapLayout, params: StitchParams, counts: dict[str, Any]
 ) -> dict[str, Any]:
     """The attributes of ``probmap.h5`` (see :mod:`wsiscan.formats.probmap`)."""
     geometry = header.geometry
@@ -314,7 +421,11 @@ def probmap_attrs(
         closing_radius_um=float(params.closing_radius_um),
         opening_radius_cells=layout.open_r,
         closing_radius_cells=layout.close_r,
-        n_tiles=placed,
+        confine_to_tissue=bool(params.confine_to_tissue),
+        tissue_margin_um=float(params.tissue_margin_um),
+        n_tiles=counts["placed"],
+        masked_cells=counts["masked_cells"],
+        masked_max_prob=float(counts["masked_max_prob"]),
         wsiscan_version=__version__,
     )
     return attrs
@@ -324,6 +435,7 @@ def probmap_attrs(
 def stitch(
     slide: str | Path | None,
     tiles: str | Path,
+    mask: str | Path | None,
     out_probmap: str | Path,
     out_qc: str | Path | None,
     params: StitchParams,
@@ -331,33 +443,45 @@ def stitch(
     slide_id: str,
     strip_rows: int | None = None,
 ) -> dict[str, Any]:
-    """Stage ``stitch``: ``tiles.h5`` -> ``probmap.h5`` (``prob`` + ``mask``) and the QC heat map.
+    """Stage ``stitch``: ``tiles.h5`` -> ``probmap.h5`` (``prob``, ``mask``, ``masked``) and the
+    QC heat map.
 
     Tiles are placed block row by block row (cropped at the slide edge) into a chunked,
-    compressed HDF5 dataset; peak memory grows with the slide width, not its area. The heat map
-    (over a slide thumbnail of ~12 um/px) needs ``slide``; either may be None to skip the
-    picture. ``strip_rows`` (map rows per strip, rounded up to whole block rows) is for tests.
+    compressed HDF5 dataset; peak memory grows with the slide width, not its area. With
+    ``params.confine_to_tissue`` the map is confined to the tissue of ``mask`` (``tissue.png``).
+    The heat map (over a slide thumbnail of ~12 um/px) needs ``slide``; either may be None to skip
+    the picture. ``strip_rows`` (map rows per strip, rounded up to whole block rows) is for tests.
     Returns a summary.
     """
     t_start = time.perf_counter()
     tiles = Path(tiles)
+    if params.confine_to_tissue and mask is None:
+        raise ConfigError(
+            "stitch.confine_to_tissue needs the tissue mask (--mask tissue.png); "
+            "--no-confine-to-tissue stitches without it"
+        )
     try:
         with open_tiles(tiles, slide_id) as src:
             header = src.header
             layout = map_layout(header, params, strip_rows)
+            confinement = None
+            if params.confine_to_tissue:
+                confinement = tissue_confinement(mask, header, layout, params.tissue_margin_um)
             thumb = read_thumbnail(slide, header, tiles) if out_qc is not None else None
             shape = (layout.rows, layout.cols)
             with write_probmap(out_probmap, shape, layout.strip_rows) as dst:
-                counts = place_tiles(src, dst.prob, layout, dst.check)
+                counts = place_tiles(src, dst, layout, confinement, params.threshold)
                 mask_cells = mask_in_strips(
                     dst.prob, dst.mask, params.threshold, layout.open_r, layout.close_r,
                     layout.strip_rows,
                 )  # fmt: skip
                 dst.check()
-                for key, value in probmap_attrs(header, layout, params, counts["placed"]).items():
+                for key, value in probmap_attrs(header, layout, params, counts).items():
                     dst.attrs[key] = value
                 if out_qc is not None:
-                    write_heatmap(out_qc, dst.prob, header, params.threshold, thumb)
+                    write_heatmap(
+                        out_qc, dst.prob, dst.masked, header, params.threshold, thumb, confinement
+                    )
     except OutputWriteError as exc:  # disk full, file too large, I/O error
         raise SlideError(
             slide_id,
@@ -374,8 +498,19 @@ def stitch(
         "mask_cells": mask_cells,
         "opening_radius_cells": layout.open_r,
         "closing_radius_cells": layout.close_r,
+        "masked_cells": counts["masked_cells"],
+        "masked_max_prob": counts["masked_max_prob"],
         "wall_s": round(time.perf_counter() - t_start, 3),
     }
+    if counts["masked_cells"]:
+        log.info(
+            "%s: %d cells >= %g outside the tissue (+%g um) set to 0 (max p %.3f there)",
+            slide_id,
+            counts["masked_cells"],
+            params.threshold,
+            params.tissue_margin_um,
+            counts["masked_max_prob"],
+        )
     log.info(
         "%s: map %dx%d at %d px from %d tiles, max p %.3f, %d mask cells, %.1f s",
         slide_id,

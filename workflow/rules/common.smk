@@ -181,6 +181,8 @@ def final_outputs():
     out += dag.retry_targets(failed_before(scan_slides()), stage_outputs)
     if labelled_slides():
         out.append("results/cohort/metrics.json")
+        if earlier_rounds():
+            out.append("results/cohort/rounds.tsv")
     return out
 
 
@@ -192,6 +194,35 @@ def evaluated_slides():
         failed = failed_before(slides)
         slides = [sid for sid in slides if sid not in failed]
     return slides
+
+
+def evaluation_failed_args():
+    """``--failed`` with the labelled slides the evaluation leaves out (evaluate.allow_missing)."""
+    if not EVAL["allow_missing"]:
+        return []
+    return ["--failed", *sorted(set(labelled_slides()) - set(evaluated_slides()))]
+
+
+# -- every round evaluated (rounds.smk) ------------------------------------------------------------
+def earlier_rounds():
+    """The training rounds before the last whose models are evaluated too (evaluate.every_round)."""
+    rounds = config["train"]["rounds"]
+    if not EVAL["every_round"] or config["model"]["checkpoint"] or rounds < 2:
+        return []
+    return list(range(1, rounds))
+
+
+def round_metrics():
+    """metrics.json of every earlier round, then the last round's (results/cohort)."""
+    earlier = expand(
+        "results/rounds/round{round}/cohort/metrics.json", round=earlier_rounds()
+    )
+    return [*earlier, "results/cohort/metrics.json"]
+
+
+def round_failure_record(wildcards):
+    """The failure record of a slide's scan with an earlier round's model."""
+    return f"results/rounds/round{wildcards.round}/{wildcards.slide}/FAILED.json"
 
 
 onerror:

@@ -41,15 +41,13 @@ rule evaluate:
         settings=settings("evaluate"),
         runtime=runtime("evaluate"),
         config_checksum=provenance(CONFIG_CHECKSUM),
-        failed=(
-            ["--failed", *sorted(set(labelled_slides()) - set(evaluated_slides()))]
-            if EVAL["allow_missing"]
-            else []
-        ),
+        results_dir=lambda w, input: "results",
+        out_dir=lambda w, output: str(Path(output.metrics).parent),
+        failed=evaluation_failed_args(),
     shell:
         wsiscan(
             "evaluate --sheet {input.sheet:q} --model {input.model:q}"
-            " --results-dir results --out-dir results/cohort"
+            " --results-dir {params.results_dir:q} --out-dir {params.out_dir:q}"
             " --config-checksum {params.config_checksum} {params.failed:q}"
             " {params.settings:q} {params.runtime:q} > {log:q} 2>&1"
         )

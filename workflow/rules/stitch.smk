@@ -5,6 +5,7 @@ rule stitch:
     input:
         slide=slide_path,
         tiles="results/{slide}/tiles.h5",
+        mask="results/{slide}/tissue.png",
     output:
         probmap="results/{slide}/probmap.h5",
         qc=report(
@@ -31,6 +32,6 @@ rule stitch:
         wsiscan(
             "--failure-record {params.failure_record:q} stitch"
             " --slide-id {wildcards.slide:q} --slide {input.slide:q} --tiles {input.tiles:q}"
-            " --out-probmap {output.probmap:q} --out-qc {output.qc:q}"
+            " --mask {input.mask:q} --out-probmap {output.probmap:q} --out-qc {output.qc:q}"
             " {params.settings:q} {params.runtime:q} > {log:q} 2>&1"
         )

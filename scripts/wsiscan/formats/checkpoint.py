@@ -63,6 +63,22 @@ def read_torch_file(path: str | Path) -> dict[str, Any]:
     return dict(obj)
 
 
+def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
+    """The ``config`` of a checkpoint (its tensors are memory-mapped, not read): what it is and
+    how it was made (``config["meta"]``, e.g. the training ``round``)."""
+    import torch
+
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # the full reader says why; here the config is only provenance
+        raise CheckpointError(path, f"not a readable torch file ({type(exc).__name__})")
+    config = obj.get("config") if isinstance(obj, Mapping) else None
+    if not isinstance(config, Mapping) or config.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(path, "not a wsiscan checkpoint")
+    return dict(config)
+
+
 def _plain(value: Any, where: str) -> Any:
     """Return ``value`` as plain Python types (numpy scalars converted); reject anything else."""
     if value is None or isinstance(value, bool | int | float | str):

@@ -7,12 +7,15 @@ Layout (HDF5):
   ``[j*Sd, (j+1)*Sd) x [i*Sd, (i+1)*Sd)`` and holds the tumour probability of the ``Lf`` patch
   centred on the cell centre; 0 where no block was scanned (no tissue);
 * ``mask`` uint8, same shape: ``prob >= threshold``, then opened and closed (stitch settings);
+* ``masked`` uint8, same shape: 1 where the confinement to tissue set a cell at or above the
+  threshold to 0 (``prob`` itself is confined: 0 outside the dilated tissue mask);
 * both chunked (strips of whole block rows x 512 columns), gzip level 1 with shuffle;
 * attributes: ``format`` (:data:`FORMAT`), ``stride_px`` (= Sd, level-0 px per cell),
   ``origin_level0_xy`` (0, 0), ``level`` 0, ``downsample`` (= Sd), ``mpp`` (level-0 um/px),
   ``slide_width``, ``slide_height``, ``slide_id``, the geometry attributes and
   ``geometry_checksum``, ``model_checksum``, ``dense_mode``, ``threshold``, the stitch radii in um
-  and in cells, ``n_tiles``, ``wsiscan_version``.
+  and in cells, ``confine_to_tissue``, ``tissue_margin_um``, ``masked_cells`` and
+  ``masked_max_prob`` (what the confinement removed), ``n_tiles``, ``wsiscan_version``.
 
 :func:`write_probmap` creates the datasets for the stitch stage to fill strip by strip;
 :func:`read_probmap` and :func:`read_probmap_attrs` read it back, checked.
@@ -41,6 +44,7 @@ class ProbMapOut:
 
     prob: Any
     mask: Any
+    masked: Any
     attrs: Any
     check: Any
 
@@ -61,13 +65,15 @@ def write_probmap(
         }
         prob = f.create_dataset("prob", shape=(rows, cols), dtype=np.float32, **opts)
         mask = f.create_dataset("mask", shape=(rows, cols), dtype=np.uint8, **opts)
+        masked = f.create_dataset("masked", shape=(rows, cols), dtype=np.uint8, **opts)
         prob.attrs["description"] = (
             "tumour probability; cell (i, j) covers level-0 [j*s, (j+1)*s) x [i*s, (i+1)*s), "
             "s = stride_px"
         )
         mask.attrs["description"] = "prob >= threshold, opened then closed (disk radii)"
+        masked.attrs["description"] = "cells >= threshold set to 0 outside the tissue"
         f.attrs["format"] = FORMAT
-        yield ProbMapOut(prob=prob, mask=mask, attrs=f.attrs, check=check)
+        yield ProbMapOut(prob=prob, mask=mask, masked=masked, attrs=f.attrs, check=check)
 
 
 @dataclass

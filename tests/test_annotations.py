@@ -14,14 +14,19 @@ from wsiscan.annotations import (
     EXCLUSION_GROUPS,
     TUMOUR_GROUPS,
     Annotation,
+    AnnotationGroups,
     fill_polygon,
     rasterize,
+    read_annotations,
     read_asap_xml,
+    read_geojson,
+    read_slide_annotations,
     split_groups,
     write_asap_xml,
     write_geojson,
 )
-from wsiscan.errors import SlideError
+from wsiscan.errors import ConfigError, SlideError
+from wsiscan.params import SETTINGS
 
 
 def _square(x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
@@ -234,3 +239,158 @@ def test_geojson_rejects_bad_polygons(tmp_path: Path) -> None:
         write_geojson(tmp_path / "x.geojson", [np.array([[0, 0], [1, np.nan], [2, 2]])])
     with pytest.raises(ValueError, match="property dicts"):
         write_geojson(tmp_path / "x.geojson", [_square(0, 0, 1, 1)], properties=[])
+
+
+# -- GeoJSON in ----------------------------------------------------------------------------------
+def _ring(xy) -> list:
+    ring = [list(map(float, p)) for p in xy]
+    return ring + [ring[0]]
+
+
+def _feature(geometry: dict, name=None, cls="Tumor", classification=None) -> dict:
+    props: dict = {"objectType": "annotation"}
+    if name is not None:
+        props["name"] = name
+    if classification is not None:
+        props["classification"] = classification
+    elif cls is not None:
+        props["classification"] = {"name": cls, "color": [200, 0, 0]}
+    return {"type": "Feature", "geometry": geometry, "properties": props}
+
+
+def _write(path: Path, doc) -> Path:
+    path.write_text(json.dumps(doc) if not isinstance(doc, str) else doc)
+    return path
+
+
+def test_geojson_polygons_multipolygons_holes_and_classes(tmp_path: Path, caplog) -> None:
+    outer, hole = _square(0, 0, 64, 64), _square(16, 16, 32, 32)
+    doc = {
+        "type": "FeatureCollection",
+        "features": [
+            _feature({"type": "Polygon", "coordinates": [_ring(outer), _ring(hole)]}, "ring"),
+            _feature(
+                {
+                    "type": "MultiPolygon",
+                    "coordinates": [[_ring(_square(70, 0, 80, 10))], [_ring(_square(70, 20, 80, 30))]],
+                },
+                cls="Other",
+            ),
+            _feature({"type": "Polygon", "coordinates": [_ring(_square(0, 70, 10, 80))]},
+                     classification={"names": ["Tumor", "Positive"]}),
+            _feature({"type": "Polygon", "coordinates": [_ring(_square(40, 70, 50, 80))]}, cls=None),
+            _feature({"type": "Point", "coordinates": [5.0, 5.0]}, "dot"),
+            _feature({"type": "LineString", "coordinates": [[0, 0], [5, 5]]}),
+            {"type": "Feature", "geometry": None, "properties": {}},
+            _feature({"type": "Polygon", "coordinates": [[[0, 0], [1, 1], [0, 0], [0, 0]]]}),
+        ],
+    }  # fmt: skip
+    path = _write(tmp_path / "qupath.geojson", doc)
+    with caplog.at_level(logging.WARNING, logger="wsiscan.annotations"):
+        anns = read_geojson(path, "s")
+    assert [a.group for a in anns] == ["Tumor", "Other", "Other", "Tumor: Positive", ""]
+    assert anns[0].name == "ring" and anns[1].name == "Feature 1 part 0"
+    np.testing.assert_array_equal(anns[0].level0_xy, outer)  # closing position dropped
+    assert len(anns[0].holes) == 1 and np.array_equal(anns[0].holes[0], hole)
+    assert "Point, not an area" in caplog.text and "LineString" in caplog.text
+    assert "no geometry" in caplog.text and "fewer than 3 distinct" in caplog.text
+    # the hole belongs to its polygon only: another tumour polygon inside it stays
+    inner = Annotation("inner", "Tumor", _square(20, 20, 28, 28))
+    mask = rasterize([anns[0], inner], (64, 64), downsample=1)
+    assert mask.sum() == 64 * 64 - 16 * 16 + 8 * 8 and mask[20:28, 20:28].all()
+    assert not mask[16:20, 16:32].any()
+    # group settings map classification names: Other as exclusion cuts out of the tumour
+    groups = AnnotationGroups(tumour=("Tumor",), exclusion=("Other",))
+    both = [anns[0], Annotation("cut", "Other", _square(48, 0, 64, 64))]
+    assert rasterize(both, (64, 64), 1, groups).sum() == 48 * 64 - 16 * 16
+    # a single Feature and a bare list of features (QuPath writes both) read the same
+    single = _write(tmp_path / "one.json", doc["features"][0])
+    listed = _write(tmp_path / "list.geojson", doc["features"][:1])
+    assert read_annotations(single) == read_annotations(listed) == anns[:1]
+
+
+def test_geojson_round_trip_of_the_writer(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    polys = [rng.uniform(0, 5e4, (n, 2)) for n in (3, 17, 40)]
+    path = tmp_path / "lesions.geojson"
+    write_geojson(path, polys, metadata={"slide_id": "s"})
+    back = read_geojson(path)
+    assert [a.group for a in back] == ["Tumor"] * 3
+    for a, p in zip(back, polys, strict=True):
+        np.testing.assert_array_equal(a.level0_xy, p)
+
+
+@pytest.mark.parametrize(
+    ("text", "cause"),
+    [
+        ("{", "not JSON text"),
+        ('{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, NaN], [1, 1], '
+         "[2, 0], [0, 0]]]}}", "NaN is not a number"),
+        ('{"type": "Topology"}', "got type 'Topology'"),
+        ('{"type": "FeatureCollection"}', "no list of features"),
+        ('[{"type": "Polygon", "coordinates": []}]', "feature 0 is not a GeoJSON Feature"),
+        ('[{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, "a"], [1, 1], '
+         '[2, 0]]]}}]', "is not [x, y] numbers"),
+        ('[{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 1e400], '
+         "[1, 1], [2, 0]]]}}]", "non-finite"),
+        ('[{"type": "Feature", "geometry": {"type": "Circle", "coordinates": []}}]',
+         "unknown geometry type 'Circle'"),
+        ('[{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1, 1], '
+         '[2, 0]]]}, "properties": {"classification": {"color": [1, 2, 3]}}}]', "has no name"),
+        ("42", "got a JSON int"),
+    ],
+)  # fmt: skip
+def test_bad_geojson_gives_slide_error(tmp_path: Path, text: str, cause: str) -> None:
+    path = _write(tmp_path / "bad.geojson", text)
+    with pytest.raises(SlideError) as info:
+        read_geojson(path, slide_id="tumor_042")
+    message = str(info.value)
+    assert "tumor_042" in message and str(path) in message and cause in message, message
+
+
+# -- what the stages read ------------------------------------------------------------------------
+def test_group_settings_default_to_camelyon16() -> None:
+    assert SETTINGS["annotation.tumour_groups"].default == TUMOUR_GROUPS == ("Tumor", "_0", "_1")
+    assert SETTINGS["annotation.exclusion_groups"].default == EXCLUSION_GROUPS == ("_2",)
+    with pytest.raises(ConfigError, match="both name"):
+        AnnotationGroups(tumour=("Tumor", "_2"))
+    with pytest.raises(ConfigError, match="at least one"):
+        AnnotationGroups(tumour=())
+
+
+def test_slide_annotations_refuse_silently_wrong_ground_truth(tmp_path: Path) -> None:
+    wh = (3200, 2400)
+    square = [(0, 100, 100), (1, 900, 100), (2, 900, 800), (3, 100, 800)]
+
+    def read(body: str, name: str = "a.xml", **kw):
+        path = tmp_path / name
+        path.write_text(_xml(body))
+        return read_slide_annotations(path, wh, slide_id="t1", tumour_slide=True, **kw)
+
+    def fails(body: str, *words: str, **kw) -> None:
+        with pytest.raises(SlideError) as info:
+            read(body, **kw)
+        message = str(info.value)
+        for word in ("slide 't1'", "a.xml", *words):
+            assert word in message, message
+
+    fails("", "tumour slide without a tumour annotation", "holds no polygon")
+    camelyon17 = _anno("A0", "metastases", square)
+    fails(camelyon17, "groups found: ['metastases']", "annotation.tumour_groups")
+    (ann,) = read(camelyon17, groups=AnnotationGroups(tumour=("metastases",)))
+    assert ann.group == "metastases"
+    for bad in ("1e300", "1e18", "-7000", "9601"):
+        fails(_anno("A0", "Tumor", [*square[:2], (2, bad, 800), square[3]]), "far outside", "A0")
+    edge = [(0, -3000, 100), (1, 6000, 100), (2, 6000, 4500), (3, -3000, -2000)]
+    assert len(read(_anno("A0", "Tumor", edge))) == 1  # within one slide size: clipped
+    outside = [(0, 3300, 100), (1, 3500, 100), (2, 3500, 300)]
+    fails(_anno("A0", "Tumor", outside), "all lie outside the 3200x2400 px slide")
+    seen: list[str] = []
+    kept = read(_anno("A0", "Tumor", square) + _anno("A1", "Tumor", outside), warn=seen.append)
+    assert [a.name for a in kept] == ["A0"] and "lie outside" in seen[0]
+    # a normal slide may have none; a mask TIFF is not a polygon file
+    path = tmp_path / "n.xml"
+    path.write_text(_xml(""))
+    assert read_slide_annotations(path, wh, slide_id="n1") == []
+    with pytest.raises(SlideError, match="not a polygon annotation file"):
+        read_annotations(tmp_path / "t_Mask.tif", "t1")

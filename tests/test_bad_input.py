@@ -367,7 +367,7 @@ def test_bad_annotation_stops_the_evaluation(capsys, tmp_path, done, text, cause
 
 
 def test_short_and_outside_polygons_are_left_out_with_warnings(capsys, tmp_path, done, caplog):
-    outside = [(5000.0, 5000.0), (5400.0, 5000.0), (5400.0, 5300.0)]
+    outside = [(1100.0, 800.0), (1500.0, 800.0), (1500.0, 1100.0)]  # within one slide size
     xml = tmp_path / "s1.xml"
     xml.write_text(asap([SQUARE, [(10.0, 10.0), (50.0, 10.0)], outside]))
     rc, err, out = evaluate(capsys, done, str(xml), tmp_path)
@@ -376,6 +376,13 @@ def test_short_and_outside_polygons_are_left_out_with_warnings(capsys, tmp_path,
     assert metrics["n_lesions"] == 1  # the square; the 2-point and outside polygons count nothing
     assert any("outside the 1024x768 px slide" in w for w in metrics["warnings"])
     assert "fewer than 3" in caplog.text
+
+
+def test_the_slide_itself_as_annotation_stops_the_evaluation(capsys, tmp_path, done):
+    """A TIFF given as annotation must be a mask: the slide counted as 100 % tumour before."""
+    rc, err, out = evaluate(capsys, done, str(done.slide), tmp_path)
+    assert_one_line_error(rc, err, "evaluate", "slide 's1'", "s1.tif", "not a ground-truth mask")
+    assert not (out / "metrics.json").exists()
 
 
 def test_tumour_slide_without_annotation_is_a_sheet_error(tmp_path):

@@ -286,3 +286,31 @@ def test_cli_detect(tmp_path, capsys):
     assert pd.read_csv(tmp_path / "l.csv").values.tolist() == [[pytest.approx(0.9), 72, 72]]
     assert main([*args, "--slide-id", "s2"]) == 1
     assert "wsiscan detect: error: slide 's2'" in capsys.readouterr().err
+
+
+def test_lesions_geojson_read_back_rasterises_to_the_lesion_mask(tmp_path):
+    """detect's lesions.geojson, read as an annotation (QuPath GeoJSON) and rasterised at the
+    map's stride, is the map's lesion mask (with each region's holes filled, as the export
+    outlines them): blobs, L shapes, diagonal neighbours, single cells, a ring, random masks."""
+    from scipy import ndimage
+
+    from wsiscan.annotations import rasterize, read_slide_annotations
+
+    rng = np.random.default_rng(4)
+    mask = ndimage.binary_opening(rng.random((60, 80)) < 0.55)
+    mask[:, 38:42] = False
+    mask[2:12, 40:60] = True  # a ring: its hole is filled by the export
+    mask[5:9, 45:55] = False
+    mask[20, 40], mask[21, 41], mask[22, 40] = True, True, True  # diagonal neighbours
+    mask[30:34, 40], mask[33, 40:44] = True, True  # an L
+    mask[40, 50] = True  # one cell
+    prob = np.where(mask, 0.9, 0.1).astype(np.float32)
+    stride = 16
+    wh = (80 * stride - 5, 60 * stride - 7)  # the last cells reach past the slide
+    pm = write_probmap(tmp_path / "probmap.h5", prob, stride_px=stride, slide_wh=wh, mask=mask)
+    out = [tmp_path / n for n in ("l.csv", "s.json", "lesions.geojson", "l.xml")]
+    detect(pm, *out, DetectParams(method="components"), slide_id="s1")
+    anns = read_slide_annotations(out[2], wh, slide_id="s1", tumour_slide=True)
+    assert {a.group for a in anns} == {"Tumor"}
+    back = rasterize(anns, mask.shape, stride)
+    np.testing.assert_array_equal(back, ndimage.binary_fill_holes(mask))

@@ -4,6 +4,7 @@ against a plain transcription of the official ``Evaluation_FROC.py`` algorithm."
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import h5py
@@ -15,10 +16,11 @@ from skimage import measure
 from skimage.draw import polygon as draw_polygon
 
 from wsiscan import __version__
-from wsiscan.errors import SlideError
+from wsiscan.errors import ConfigError, SlideError
 from wsiscan.evaluate import (
     FROC_RATES,
     SlideFROC,
+    check_label_image,
     cohort_froc,
     eval_mask_shape,
     evaluate,
@@ -319,22 +321,158 @@ def test_froc_equals_the_official_algorithm_on_random_cohorts(seed):
 
 
 # -- mask TIFF ground truth ------------------------------------------------------------------------
-def write_mask_pyramid(path: Path, mask0: np.ndarray, levels: int = 6) -> Path:
+def write_mask_pyramid(
+    path: Path, mask0: np.ndarray, levels: int = 6, rounding: str = "ceil"
+) -> Path:
+    """A tiled pyramid whose level k+1 is every second pixel of level k; an odd side rounds up
+    (``ceil``) or down (``floor``), as pyramid writers do. RGB when ``mask0`` is (H, W, 3)."""
     import tifffile
 
     with tifffile.TiffWriter(path) as tw:
         lvl = mask0
         for k in range(levels):
-            tile = (256, 256) if min(lvl.shape) >= 256 else (16, 16)
+            tile = (256, 256) if min(lvl.shape[:2]) >= 256 else (16, 16)
             tw.write(
                 lvl,
                 tile=tile,
-                photometric="minisblack",
+                photometric="rgb" if lvl.ndim == 3 else "minisblack",
                 compression="deflate",
                 subfiletype=1 if k else 0,
             )
+            if rounding == "floor":
+                lvl = lvl[: lvl.shape[0] // 2 * 2, : lvl.shape[1] // 2 * 2]
             lvl = lvl[::2, ::2]
     return path
+
+
+def ref_compute_evaluation_mask(mask_path: Path, resolution: float) -> np.ndarray:
+    """computeEvaluationMask as the official script reads the mask: OpenSlide level 5, whole."""
+    import openslide
+
+    slide = openslide.open_slide(str(mask_path))
+    dims = slide.level_dimensions[LEVEL]
+    pixelarray = np.array(slide.read_region((0, 0), LEVEL, dims))
+    distance = nd.distance_transform_edt(255 - pixelarray[:, :, 0])
+    threshold = 75 / (resolution * pow(2, LEVEL) * 2)
+    binary = distance < threshold
+    filled_image = nd.binary_fill_holes(binary)
+    return measure.label(filled_image, connectivity=2)
+
+
+def averaged_downsample_tumour(mask_path: Path, slide_wh) -> np.ndarray:
+    """What tumour_mask_from_tiff computed before issue 14: the nearest level sampled at the cell
+    centres by OpenSlide's downsample of that level (averaged over x and y), padded to the
+    ceil-sized evaluation mask. Kept to measure what the fix changes."""
+    import openslide
+
+    with openslide.OpenSlide(str(mask_path)) as osr:
+        ds = np.asarray(osr.level_downsamples)
+        level = int(np.argmin(np.abs(np.log(ds / 32))))
+        lw, lh = osr.level_dimensions[level]
+        rgba = np.asarray(osr.read_region((0, 0), level, (lw, lh)))
+        rows, cols = eval_mask_shape(osr.dimensions)
+    src_r = np.clip(np.floor((np.arange(rows) + 0.5) * 32 / ds[level]), 0, lh - 1).astype(int)
+    src_c = np.clip(np.floor((np.arange(cols) + 0.5) * 32 / ds[level]), 0, lw - 1).astype(int)
+    out = np.zeros(eval_mask_shape(slide_wh), bool)
+    out[:rows, :cols] = ((rgba[..., 0] > 0) & (rgba[..., 3] > 0))[np.ix_(src_r, src_c)]
+    return out
+
+
+def star_lesions(rng, shape0, n, *, x_from=0.0, y_from=0.0) -> np.ndarray:
+    """A binary (0/255) level-0 mask of ``n`` star polygons, 30-700 um across at 0.243 um/px,
+    centred in the part of the slide right of ``x_from`` and below ``y_from`` (fractions)."""
+    h, w = shape0
+    mask0 = np.zeros(shape0, np.uint8)
+    for _ in range(n):
+        cy, cx = rng.uniform(y_from * h, h), rng.uniform(x_from * w, w)
+        radius = rng.uniform(15, 350) / 0.243
+        angles = np.sort(rng.uniform(0, 2 * np.pi, rng.integers(3, 10)))
+        radii = radius * rng.uniform(0.4, 1.0, angles.size)
+        r, c = draw_polygon(cy + radii * np.sin(angles), cx + radii * np.cos(angles), shape0)
+        mask0[r, c] = 255
+    return mask0
+
+
+def edge_and_random_detections(
+    rng, labels: np.ndarray, slide_wh, n_edge: int, n_random: int, *, x_from=0.0, y_from=0.0
+) -> np.ndarray:
+    """``(K, 3) [confidence, x, y]``: on cells just inside the border of the evaluation mask's
+    regions right of ``x_from`` and below ``y_from`` (fractions; where a one-cell shift changes
+    the answer), and anywhere inside the level-5 extent."""
+    rows, cols = labels.shape
+    edge = (labels > 0) & ~nd.binary_erosion(labels > 0)
+    edge[: int(y_from * rows)] = False
+    edge[:, : int(x_from * cols)] = False
+    cells = np.argwhere(edge)
+    cells = cells[rng.choice(len(cells), min(n_edge, len(cells)), replace=False)]
+    anywhere = np.column_stack([rng.integers(0, rows, n_random), rng.integers(0, cols, n_random)])
+    rc = np.concatenate([cells, anywhere])
+    x = np.minimum(rc[:, 1] * 32 + rng.integers(0, 32, len(rc)), slide_wh[0] - 1)
+    y = np.minimum(rc[:, 0] * 32 + rng.integers(0, 32, len(rc)), slide_wh[1] - 1)
+    conf = np.round(rng.random(len(rc)), 3)
+    return np.column_stack([conf, x, y])
+
+
+#: (level-0 width, height, rounding of odd pyramid sides, where the lesions lie): both sides odd,
+#: only the height odd (x of a wide slide drifts), only the width odd (y of a tall slide drifts)
+ODD_MASKS = {
+    "both_odd_floor": (6170, 4937, "floor", 0.6, 0.0),
+    "both_odd_ceil": (4001, 3333, "ceil", 0.4, 0.4),
+    "height_odd_ceil": (9600, 1601, "ceil", 0.3, 0.0),
+    "width_odd_floor": (1631, 9600, "floor", 0.0, 0.3),
+}
+
+
+def test_odd_sized_mask_tiffs_match_the_official_script(tmp_path):
+    """Mask TIFFs whose sides are not multiples of 32: the evaluation mask is the official one
+    pixel for pixel and the cohort FROC the official one; the averaged-downsample sampling of
+    before shifts the masks. ``pytest -s -k odd_sized`` prints the FROC differences."""
+    rng = np.random.default_rng(16)
+    rows, official, old_slides = [], {}, []
+    for sid, (w, h, rounding, x_from, y_from) in ODD_MASKS.items():
+        mask0 = star_lesions(rng, (h, w), 6, x_from=x_from, y_from=y_from)
+        path = write_mask_pyramid(tmp_path / f"{sid}_Mask.tif", mask0, rounding=rounding)
+        ref = ref_compute_evaluation_mask(path, 0.243)
+        ours = evaluation_mask(tumour_mask_from_tiff(path, (w, h), slide_id=sid), 0.243)
+        np.testing.assert_array_equal(ours, ref)  # pixel for pixel, shape included
+        assert itc_labels(ours, 0.243).tolist() == ref_itc_list(ref, 0.243)
+        old = averaged_downsample_tumour(path, (w, h))
+        assert not np.array_equal(old[: ref.shape[0], : ref.shape[1]], ref > 0)  # it drifted
+        det = edge_and_random_detections(rng, ref, (w, h), 6, 4, x_from=x_from, y_from=y_from)
+        row = make_slide(tmp_path, sid, "tumor", wh=(w, h), mpp=0.243, detections=det)
+        rows.append({**row, "annotation": str(path)})
+        official[sid] = (ref, ref_itc_list(ref, 0.243))
+        old_labels = evaluation_mask(old, 0.243)
+        old_slides.append(
+            match_detections(sid, det[:, 0], det[:, 1:], old_labels,
+                             itc_labels(old_labels, 0.243), is_tumour=True)
+        )  # fmt: skip
+    det = np.column_stack([np.round(rng.random(4), 3), rng.integers(0, 4000, (4, 2))])
+    rows.append(make_slide(tmp_path, "normal", "normal", wh=(4000, 4000), detections=det))
+    old_slides.append(match_detections("normal", det[:, 0], det[:, 1:], None, [], is_tumour=False))
+    m = run(tmp_path, write_sheet(tmp_path, rows), bootstrap=0)
+
+    fp_lists, tp_lists, counts = [], [], []
+    for row in rows:
+        probs, xs, ys = ref_read_csv(tmp_path / "cohort" / "submission" / f"{row['slide_id']}.csv")
+        mask, itc = official.get(row["slide_id"], (0, []))
+        fp, tp, n = ref_fp_tp_probs(ys, xs, probs, row["label"] == "tumor", mask, itc)
+        fp_lists.append(fp)
+        tp_lists.append(tp)
+        counts.append(n)
+    fps, sens = ref_froc(fp_lists, tp_lists, len(rows), counts)
+    froc = pd.read_csv(tmp_path / "cohort" / "froc.csv")
+    np.testing.assert_array_equal(froc["fp_per_slide"], fps)
+    np.testing.assert_array_equal(froc["sensitivity"], sens)
+    ref = ref_score(fps, sens)
+    old = cohort_froc(old_slides)["score"]
+    assert abs(m["froc"] - ref) < 1e-9 and m["n_lesions"] == sum(counts)
+    assert abs(old - ref) > 1e-3
+    print(  # pytest -s shows it
+        f"\nodd-sized mask TIFFs ({', '.join(ODD_MASKS)}): FROC new {m['froc']:.6f}, "
+        f"official transcription {ref:.6f}, old (averaged downsample) {old:.6f}; "
+        f"|new - official| = {abs(m['froc'] - ref):.3g}, |old - official| = {abs(old - ref):.4f}"
+    )
 
 
 def test_tumour_mask_from_a_camelyon16_mask_tiff(tmp_path):
@@ -350,8 +488,9 @@ def test_tumour_mask_from_a_camelyon16_mask_tiff(tmp_path):
     # only 2 levels (downsample 1 and 2): sampled at the cell centres of the level read
     path2 = write_mask_pyramid(tmp_path / "t2_Mask.tif", mask0, levels=2)
     np.testing.assert_array_equal(tumour_mask_from_tiff(path2, (2048, 1536)), want)
-    # a slide one pixel larger: the mask is padded with background
-    assert tumour_mask_from_tiff(path, (2049, 1536)).shape == (48, 65)
+    # a slide one pixel larger: not its mask
+    with pytest.raises(SlideError, match="the mask is 2048x1536 px, the slide 2049x1536 px"):
+        tumour_mask_from_tiff(path, (2049, 1536), slide_id="t")
 
 
 # -- the stage on files ----------------------------------------------------------------------------
@@ -433,7 +572,7 @@ def write_sheet(root: Path, rows: list[dict], split="test") -> Path:
     return path
 
 
-def run(root: Path, sheet: Path, **kw):
+def run(root: Path, sheet: Path, submission: Path | None = None, **kw):
     kw.setdefault("bootstrap", 50)
     return evaluate(
         sheet,
@@ -442,6 +581,7 @@ def run(root: Path, sheet: Path, **kw):
         results_dir=root / "results",
         out_dir=root / "cohort",
         base_dir=root,
+        submission=submission,
     )
 
 
@@ -671,3 +811,187 @@ def test_oracle_maps_of_demo_slides_score_perfectly(tmp_path):
     assert m["n_lesions"] == len(kinds) - kinds.count("itc") > 0
     slides = pd.read_csv(tmp_path / "cohort" / "slides.csv")
     assert slides["fp"].sum() == 0 and slides["tp"].sum() == m["n_lesions"]
+
+
+# -- detection CSVs, the submission folder, annotation inputs --------------------------------------
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("confidence,x,y\n0.9,10,20\n0.5,3.7,4\n", [(0.9, 10, 20), (0.5, 3, 4)]),
+        ("Confidence,X,Y\n0.9,10,20\n", [(0.9, 10, 20)]),
+        ("0.9,10,20\n0.5,3,4\n", [(0.9, 10, 20), (0.5, 3, 4)]),  # Camelyon16: no header
+        ("\ufeff0.9, 10 ,20\r\n\n", [(0.9, 10, 20)]),  # BOM, spaces, CRLF, a blank line
+        ("confidence,x,y\n", []),  # header only
+        ("", []),  # 0 bytes: a slide without detections
+        ("\n\n", []),
+    ],
+    ids=["header", "header-caps", "no-header", "bom-crlf", "header-only", "empty", "blank"],
+)
+def test_lesions_csv_forms(tmp_path, text, want):
+    from wsiscan.formats.lesions import read_lesions_csv
+
+    path = tmp_path / "l.csv"
+    path.write_bytes(text.encode())
+    df = read_lesions_csv(path, "s")
+    assert list(df.columns) == ["confidence", "x", "y"]
+    assert [df[c].dtype for c in df.columns] == [np.float64, np.int64, np.int64]
+    assert [tuple(r) for r in df.itertuples(index=False)] == want
+
+
+@pytest.mark.parametrize(
+    ("text", "cause"),
+    [
+        ("score,x,y\n0.9,1,2\n", "columns must be confidence,x,y"),
+        ("0.9,1,2,3\n", "hold 3 values"),
+        ("0.9,1\n", "hold 3 values"),
+        ("0.9,1,2\n0.5,x,2\n", "non-numeric"),
+        ("nan,1,2\n", "NaN or infinite confidence"),
+        ("0.9,1e300,2\n", "is not a pixel"),
+        ("0.9,1,nan\n", "is not a pixel"),
+    ],
+)
+def test_bad_lesions_csv(tmp_path, text, cause):
+    from wsiscan.formats.lesions import read_lesions_csv
+
+    path = tmp_path / "l.csv"
+    path.write_text(text)
+    with pytest.raises(SlideError, match=cause) as info:
+        read_lesions_csv(path, "s7")
+    assert "s7" in str(info.value) and "l.csv" in str(info.value)
+
+
+def test_evaluate_reads_its_own_submission_folder(tmp_path, monkeypatch):
+    """The Camelyon16 submission one evaluation writes (header-less, 0-byte files for slides
+    without detections), evaluated by ``wsiscan evaluate --submission``, gives the same metrics."""
+    from wsiscan.cli import main
+
+    m1 = run(tmp_path, hand_cohort(tmp_path), bootstrap=30, seed=3)
+    sub = tmp_path / "cohort" / "submission"
+    assert (sub / "normal_c.csv").stat().st_size == 0
+    assert (sub / "tumor_a.csv").read_text().splitlines()[0] == "0.9,2570,2570"
+    monkeypatch.chdir(tmp_path)
+    args = ["evaluate", "--sheet", "slides.tsv", "--results-dir", "results", "--bootstrap", "30"]
+    args += ["--seed", "3", "--exclude"]
+    assert main([*args, "--out-dir", "again", "--submission", "cohort/submission"]) == 0
+    m2 = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert m1.pop("lesions_from") == "results" and m2.pop("lesions_from") == "cohort/submission"
+    assert m2 == json.loads(json.dumps(m1))
+    for name in ("froc.csv", "roc.csv", "slides.csv"):
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "cohort" / name).read_bytes()
+    for csv in sub.iterdir():
+        assert (tmp_path / "again" / "submission" / csv.name).read_bytes() == csv.read_bytes()
+    # a slide missing from the submission names its file; the folder this run writes is refused
+    (tmp_path / "again" / "submission" / "normal_b.csv").unlink()
+    with pytest.raises(SlideError, match=r"normal_b.*normal_b.csv.*not found"):
+        run(tmp_path, tmp_path / "slides.tsv", submission=tmp_path / "again" / "submission")
+    with pytest.raises(ConfigError, match="is the one this evaluation writes"):
+        run(tmp_path, tmp_path / "slides.tsv", submission=sub)
+
+
+def test_allow_missing_lists_a_slide_with_a_malformed_annotation(tmp_path):
+    big = rect(320, 320, 1600, 1280)
+    rows = [
+        make_slide(tmp_path, "t1", "tumor", polygons=[big], detections=[(0.8, 600, 600)]),
+        make_slide(tmp_path, "t2", "tumor", polygons=[big], detections=[(0.7, 600, 600)]),
+        make_slide(tmp_path, "n1", "normal", detections=[(0.5, 100, 100)]),
+    ]
+    (tmp_path / "ann" / "t2.xml").write_text("<ASAP_Annotations><Annotations><Annotation")
+    sheet = write_sheet(tmp_path, rows)
+    with pytest.raises(SlideError, match=r"slide 't2' \(.*t2.xml\): malformed annotation XML"):
+        run(tmp_path, sheet)
+    m = run(tmp_path, sheet, allow_missing=True)
+    assert [d["slide_id"] for d in m["missing"]] == ["t2"]
+    assert "malformed annotation XML" in m["missing"][0]["cause"]
+    assert m["n_slides"] == 2 and m["n_froc_slides"] == 2 and m["froc"] == 1.0
+    assert list(pd.read_csv(tmp_path / "cohort" / "slides.csv")["slide_id"]) == ["t1", "n1"]
+
+
+def slide_with_annotation(root: Path, text: str | bytes, suffix: str = ".xml", **kw) -> Path:
+    """A one-tumour-slide cohort whose annotation file holds ``text``; returns its sheet."""
+    row = make_slide(root, "t1", "tumor", detections=[(0.8, 600, 600)], **kw)
+    path = root / f"t1{suffix}"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return write_sheet(root, [{**row, "annotation": path.name}])
+
+
+SQUARE = [(320, 320), (1600, 320), (1600, 1280), (320, 1280)]
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("<ASAP_Annotations><Annotations/></ASAP_Annotations>", ["holds no polygon"]),
+        (asap_xml([rect(320, 320, 1600, 1280)], ["metastases"]),
+         ["groups found: ['metastases']", "annotation.tumour_groups"]),
+        (asap_xml([np.array([[320, 320], [1e300, 320], [1600, 1280]])]), ["far outside"]),
+        (asap_xml([np.array([[320, 320], [1e18, 320], [1600, 1280]])]), ["far outside"]),
+        (asap_xml([np.array([[320, 320], [7000, 320], [1600, 1280]])]), ["far outside"]),
+    ],
+    ids=["empty", "camelyon17-groups", "1e300", "1e18", "finite-far"],
+)  # fmt: skip
+def test_silently_wrong_ground_truth_stops_the_evaluation(tmp_path, text, words):
+    sheet = slide_with_annotation(tmp_path, text)
+    with pytest.raises(SlideError) as info:
+        run(tmp_path, sheet)
+    message = str(info.value)
+    for word in ("slide 't1'", "t1.xml", *words):
+        assert word in message, message
+
+
+def test_camelyon17_groups_and_qupath_geojson_by_the_group_settings(tmp_path):
+    from wsiscan.evaluate import tumour_mask_from_annotation
+
+    big = rect(320, 320, 1600, 1280)
+    sheet = slide_with_annotation(tmp_path, asap_xml([big], ["metastases"]))
+    m = run(tmp_path, sheet, tumour_groups=["metastases"], bootstrap=0)
+    slides = pd.read_csv(tmp_path / "cohort" / "slides.csv")
+    assert m["n_lesions"] == 1 and slides["tp"].tolist() == [1]
+    assert m["config"]["tumour_groups"] == ["metastases"]
+    # the same lesion as QuPath GeoJSON, once with a hole around the detection: the hole is cut
+    # out of the tumour mask, and the evaluation mask fills it (official binary_fill_holes)
+    ring = [[float(x), float(y)] for x, y in [*SQUARE, SQUARE[0]]]
+    hole = [[480.0, 480.0], [800.0, 480.0], [800.0, 800.0], [480.0, 800.0], [480.0, 480.0]]
+    for geometry in (
+        {"type": "Polygon", "coordinates": [ring, hole]},
+        {"type": "MultiPolygon", "coordinates": [[ring]]},
+    ):
+        feature = {"type": "Feature", "geometry": geometry,
+                   "properties": {"classification": {"name": "Tumor"}}}  # fmt: skip
+        doc = json.dumps({"type": "FeatureCollection", "features": [feature]})
+        root = tmp_path / geometry["type"]
+        root.mkdir()
+        m = run(root, slide_with_annotation(root, doc, ".geojson"), bootstrap=0)
+        slides = pd.read_csv(root / "cohort" / "slides.csv")
+        assert m["n_lesions"] == 1 and slides["tp"].tolist() == [1]
+        tumour = tumour_mask_from_annotation(root / "t1.geojson", (3200, 3200), slide_id="t1")
+        want = np.zeros((100, 100), bool)
+        want[10:40, 10:50] = True
+        if geometry["type"] == "Polygon":
+            want[15:25, 15:25] = False
+        np.testing.assert_array_equal(tumour, want)
+
+
+def test_a_tiff_that_is_not_a_mask_stops_the_evaluation(tmp_path):
+    """The slide itself (RGB), a grey image with many values, an empty mask of a tumour slide."""
+    rng = np.random.default_rng(0)
+    wh = (1024, 768)
+    cases = {
+        "rgb": (rng.integers(0, 255, (768, 1024, 3), dtype=np.uint8), "a colour image"),
+        "grey": (rng.integers(0, 255, (768, 1024), dtype=np.uint8), "distinct grey values"),
+        "empty": (np.zeros((768, 1024), np.uint8), "holds no tumour (non-zero) pixel"),
+    }
+    for name, (image, cause) in cases.items():
+        root = tmp_path / name
+        root.mkdir()
+        row = make_slide(root, "t1", "tumor", wh=wh, detections=[(0.8, 600, 600)])
+        path = write_mask_pyramid(root / "t1_Mask.tif", image)
+        sheet = write_sheet(root, [{**row, "annotation": path.name}])
+        with pytest.raises(SlideError, match=f"slide 't1' .*t1_Mask.tif.*{re.escape(cause)}"):
+            run(root, sheet)
+    # a mask whose pyramid averaged a binary mask: few pixels between 0 and 255 are fine
+    mask0 = np.zeros((768, 1024), np.uint8)
+    mask0[100:400, 200:700] = 255
+    lvl5 = mask0[::32, ::32].copy()
+    lvl5[3, 6:22] = np.arange(16) * 16 + 1  # 16 more values on one edge row
+    got = check_label_image(np.dstack([lvl5] * 3 + [np.full_like(lvl5, 255)]), Path("m"), "t", 5)
+    assert np.array_equal(got, lvl5)

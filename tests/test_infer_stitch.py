@@ -185,6 +185,7 @@ def test_infer_and_stitch_equal_patch_classifier(slide, model_file, tmp_path):
         "stitch", "--tiles", str(tiles_h5), "--slide", str(slide_path), "--slide-id", "synthetic",
         "--out-probmap", str(probmap), "--out-qc", str(qc), "--threshold", "0.5",
         "--opening-radius-um", "8", "--closing-radius-um", "16",
+        "--no-confine-to-tissue",  # the map is compared with the classifier everywhere
     ]  # fmt: skip
     assert cli_main(argv) == 0
 

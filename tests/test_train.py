@@ -251,6 +251,66 @@ def test_patches_are_deterministic_and_split_by_slide(cohort, patches, tmp_path)
     assert c.attrs["seed"] == 8
 
 
+def test_patches_and_mining_read_the_group_settings(cohort, patches, tmp_path):
+    """train_patches and mine_negatives read annotations through annotation.tumour_groups and
+    annotation.exclusion_groups: a Camelyon17-style XML (group metastases, exclusion cut) is an
+    error under the defaults and, with the groups set, the same raster as the Camelyon16 XML; a
+    QuPath GeoJSON of the same polygons too."""
+    import dataclasses
+
+    from wsiscan.errors import SlideError
+    from wsiscan.formats.rois import read_rois
+    from wsiscan.mining import slide_tumour_distance
+    from wsiscan.params import MineNegativesParams
+    from wsiscan.patches import slide_raster
+
+    s = cohort["slides"]["t1"]
+    polys = [disc(TUMOUR_C, TUMOUR_R), square(*HOLE)]
+    c17 = tmp_path / "t1_c17.xml"
+    write_asap_xml(
+        c17, [Annotation("A0", "metastases", polys[0]), Annotation("A1", "cut", polys[1])]
+    )
+    ring = [p.tolist() + [p[0].tolist()] for p in polys]
+    feats = [
+        {
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [r]},
+            "properties": {"classification": {"name": g}},
+        }
+        for r, g in zip(ring, ["Tumor", "_2"], strict=True)
+    ]
+    qupath = tmp_path / "t1.geojson"
+    qupath.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    c17_groups = {"tumour_groups": ["metastases"], "exclusion_groups": ["cut"]}
+
+    def raster(annotation, **groups):
+        slide = TrainSlide("t1", str(s["tif"]), "tumor", str(s["mask"]), str(annotation))
+        return slide_raster(slide, TrainPatchesParams(raster_mpp=2, **groups))
+
+    want = raster(s["xml"])
+    assert want.pos.sum() > 0
+    with pytest.raises(
+        SlideError, match=r"slide 't1'.*t1_c17.xml.*groups found: \['cut', 'metastases'\]"
+    ):
+        raster(c17)
+    for got in (raster(c17, **c17_groups), raster(qupath)):
+        assert np.array_equal(got.pos, want.pos) and np.array_equal(got.neg, want.neg)
+
+    table = read_patch_table(patches)
+    i = table.slide_id.index("t1")
+    grid = read_rois(s["rois"])
+    mine = MineNegativesParams(raster_mpp=2)
+    want = slide_tumour_distance(table, i, grid, mine).outside
+    renamed = dataclasses.replace(
+        table,
+        slide_annotation=[str(c17) if k == i else a for k, a in enumerate(table.slide_annotation)],
+    )
+    with pytest.raises(SlideError, match="no polygon is in a tumour group"):
+        slide_tumour_distance(renamed, i, grid, mine)
+    got = slide_tumour_distance(renamed, i, grid, mine.replace(**c17_groups)).outside
+    np.testing.assert_array_equal(got, want)
+
+
 def test_patch_helpers():
     assert water_fill(10, [100, 1, 100]).tolist() == [4, 1, 5]
     assert water_fill(50, [3, 4, 5]).tolist() == [3, 4, 5]

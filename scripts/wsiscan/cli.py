@@ -139,6 +139,9 @@ STAGES: dict[str, Stage] = {
                 optional=True),
             Arg("failed", "with --allow-missing: slides to list as failed (default: those whose "
                 "FAILED.json is newer than their files)", many=True, optional=True, type=str),
+            Arg("submission", "folder of Camelyon16 <slide_id>.csv files (confidence,X,Y at "
+                "level 0; header optional; 0 bytes: no detection) evaluated instead of "
+                "results/<slide_id>/lesions.csv", optional=True),
         ), per_slide=False),
         Stage("round_summary", "evaluate", "The cohort figures of every training round: rounds.tsv.", (
             _many("metrics", "metrics.json of each round's evaluation"),

@@ -25,13 +25,25 @@ number by default, including its quirks; each is documented where it is reproduc
   lesions; FROC score = mean of ``np.interp`` at 0.25, 0.5, 1, 2, 4, 8 FP per slide over the
   reversed curve (constant beyond its ends) (:func:`froc_score`).
 
+Ground truth: a mask TIFF is read as the script reads it: OpenSlide's level of downsample 32 (level
+5 of the Camelyon16 masks), whole and as it is, so cell ``(r, c)`` is that level's pixel ``(r, c)``
+whatever the slide's size; sides that are not multiples of 32 included (OpenSlide's
+``level_downsamples``, averaged over x and y, would shift the cells) (:func:`tumour_mask_from_tiff`).
+Polygons (ASAP XML, QuPath GeoJSON) are rasterised at downsample 32 with cell centres inside, the
+groups ``annotation.tumour_groups`` minus ``annotation.exclusion_groups``.
+
 Deviations, where the official script has no answer: physical thresholds use each slide's own mpp
-(the script hard-codes 0.243 um/px); a tumour slide whose mask holds no tumour pixel gets an empty
-evaluation mask (the script's distance transform has no zero then and returns nonsense); a
-detection outside the mask (the script crashes, or wraps around for negative coordinates) is a
-false positive, with a warning; slide labels come from the sample sheet (the script guesses them
-from the file name); a ground-truth mask TIFF counts every non-zero pixel as tumour (the script needs
-exactly 255, identical on the binary Camelyon16 masks).
+(the script hard-codes 0.243 um/px); a detection outside the mask (the script crashes, or wraps
+around for negative coordinates; a mask level rounded down ends before the slide does) is a false
+positive, with a warning; slide labels come from the sample sheet (the script guesses them from the
+file name); a ground-truth mask TIFF counts every non-zero pixel as tumour (the script needs exactly
+255, identical on the binary Camelyon16 masks); a mask without a downsample-32 level is sampled at
+the cell centres of its nearest level. Ground truth that would silently be wrong is an error naming
+the slide and the file: a tumour slide whose annotation yields no tumour polygon (or a mask without
+a tumour pixel), a TIFF that is not a label mask (the slide itself, say) or not the slide's size, a
+vertex that cannot be a pixel of the slide (farther outside it than its own size). A tumour slide
+whose tumour polygons are all too small to cover a cell centre gets an empty evaluation mask (with
+a warning).
 
 Known variants (config switches): ``fp_on_negative_only`` (FPs counted on normal slides only, over
 the number of normal slides) and ``interpolation: nearest`` (no interpolation: the best operating
@@ -53,6 +65,7 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
+from .annotations import DEFAULT_GROUPS, AnnotationGroups
 from .errors import ConfigError, SlideError
 from .faults import describe_failure, failed_slides, failure_record_path, read_failure_record
 from .fileio import atomic_dir, atomic_write, sha256_file, write_json
@@ -75,6 +88,10 @@ RERUN_SINCE = (
 )
 #: a mask TIFF level read whole must fit in this many RGBA bytes
 MAX_MASK_LEVEL_BYTES = 1 << 30
+#: a ground-truth mask holds at most this many distinct values ...
+MASK_MAX_VALUES = 16
+#: ... or (levels averaged from a binary mask) values other than its two main ones on this share
+MASK_MAX_MIXED = 0.05
 
 
 # -- evaluation mask -------------------------------------------------------------------------------
@@ -124,45 +141,85 @@ def tumour_mask_from_annotation(
     slide_wh: tuple[int, int],
     *,
     slide_id: str | None = None,
+    groups: AnnotationGroups = DEFAULT_GROUPS,
     downsample: int = EVAL_DOWNSAMPLE,
     warn: Callable[[str], None] | None = None,
 ) -> np.ndarray:
-    """Tumour mask (bool, :func:`eval_mask_shape`) from ASAP XML (``.xml``) or a mask TIFF.
+    """Tumour mask (bool) of a tumour slide from its annotation: polygons or a mask TIFF.
 
-    XML: tumour groups (``Tumor``, ``_0``, ``_1``) minus exclusions (``_2``), rasterised at
-    ``downsample`` by :func:`wsiscan.annotations.rasterize`; polygons entirely outside the slide
-    are reported through ``warn`` (default: the log) and contribute nothing. Anything else: a
-    Camelyon16 ground-truth mask TIFF (:func:`tumour_mask_from_tiff`).
+    ASAP XML (``.xml``) or QuPath GeoJSON (``.geojson``, ``.json``): the ``groups.tumour`` polygons
+    minus the ``groups.exclusion`` ones (:func:`wsiscan.annotations.read_slide_annotations`, which
+    refuses a file without a tumour polygon and coordinates that cannot be pixels of the slide),
+    rasterised at ``downsample`` (:func:`eval_mask_shape`) by
+    :func:`wsiscan.annotations.rasterize`; polygons entirely outside the slide are reported
+    through ``warn`` (default: the log) and contribute nothing. Anything else: a Camelyon16
+    ground-truth mask TIFF (:func:`tumour_mask_from_tiff`).
     """
+    from .annotations import ASAP_SUFFIXES, GEOJSON_SUFFIXES, rasterize, read_slide_annotations
+
     path = Path(path)
     if not path.is_file():
         raise SlideError(slide_id, path, "annotation file not found")
-    shape = eval_mask_shape(slide_wh, downsample)
-    if path.suffix.lower() == ".xml":
-        from .annotations import TUMOUR_GROUPS, rasterize, read_asap_xml
+    if path.suffix.lower() not in ASAP_SUFFIXES + GEOJSON_SUFFIXES:
+        return tumour_mask_from_tiff(path, slide_wh, slide_id=slide_id, downsample=downsample)
+    anns = read_slide_annotations(
+        path, slide_wh, slide_id=slide_id, groups=groups, tumour_slide=True, warn=warn
+    )
+    mask = np.asarray(rasterize(anns, eval_mask_shape(slide_wh, downsample), downsample, groups))
+    if not mask.any():
+        (warn or log.warning)(
+            f"slide {slide_id}: the tumour annotation {path} covers no pixel of the slide at "
+            f"downsample {downsample}"
+        )
+    return mask.astype(bool)
 
-        anns = read_asap_xml(path, slide_id=slide_id)
-        w, h = slide_wh
-        outside = [
-            a.name
-            for a in anns
-            if a.level0_xy[:, 0].min() >= w
-            or a.level0_xy[:, 1].min() >= h
-            or a.level0_xy[:, 0].max() < 0
-            or a.level0_xy[:, 1].max() < 0
-        ]
-        if outside:
-            (warn or log.warning)(
-                f"slide {slide_id}: {len(outside)} annotation polygon(s) of {path} lie outside "
-                f"the {w}x{h} px slide and are ignored: {outside[:5]}"
-            )
-        mask = np.asarray(rasterize(anns, shape, downsample), dtype=bool)
-        if not mask.any() and any(a.group in TUMOUR_GROUPS for a in anns):
-            (warn or log.warning)(
-                f"slide {slide_id}: the tumour annotation {path} covers no pixel of the slide"
-            )
-        return mask
-    return tumour_mask_from_tiff(path, slide_wh, slide_id=slide_id, downsample=downsample)
+
+def _exact_downsample(size0: int, size: int) -> float:
+    """A level's downsample along one axis: ``2**k`` when its size is ``size0 / 2**k`` rounded
+    either way (as pyramid writers make it), else ``size0 / size``."""
+    for k in range(32):
+        if size in (size0 >> k, -(-size0 >> k)):
+            return float(1 << k)
+    return size0 / size
+
+
+def mask_level(
+    level_dimensions: Sequence[tuple[int, int]], downsample: int = EVAL_DOWNSAMPLE
+) -> int | None:
+    """The pyramid level whose size is level 0's divided by ``downsample`` (rounded either way,
+    on both axes): level 5 of the Camelyon16 masks for 32. None when there is none."""
+    (w, h), ds = level_dimensions[0], int(downsample)
+    for k, (lw, lh) in enumerate(level_dimensions):
+        if lw in (w // ds, -(-w // ds)) and lh in (h // ds, -(-h // ds)):
+            return k
+    return None
+
+
+def check_label_image(rgba: np.ndarray, path: Path, slide_id: str | None, level: int) -> np.ndarray:
+    """The grey values (uint8) of a mask level read as RGBA; :class:`SlideError` unless it looks
+    like a label mask: one channel (R = G = B, so not the slide itself or another colour image)
+    holding at most :data:`MASK_MAX_VALUES` distinct values, or (a pyramid whose levels were
+    averaged) values other than the two most common on at most :data:`MASK_MAX_MIXED` of it."""
+    grey = rgba[..., 0]
+    if not (np.array_equal(grey, rgba[..., 1]) and np.array_equal(grey, rgba[..., 2])):
+        raise SlideError(
+            slide_id,
+            path,
+            f"not a ground-truth mask: level {level} is a colour image (its channels differ), "
+            "not a single-channel label mask; is it the slide itself?",
+        )
+    counts = np.bincount(grey.reshape(-1), minlength=256)
+    n_values = int(np.count_nonzero(counts))
+    mixed = 1.0 - np.sort(counts)[-2:].sum() / max(grey.size, 1)
+    if n_values > MASK_MAX_VALUES and mixed > MASK_MAX_MIXED:
+        raise SlideError(
+            slide_id,
+            path,
+            f"not a ground-truth mask: level {level} holds {n_values} distinct grey values, "
+            f"{mixed:.0%} of its pixels outside the two most common (a mask holds a few label "
+            "values, such as 0 and 255)",
+        )
+    return grey
 
 
 def tumour_mask_from_tiff(
@@ -171,12 +228,23 @@ def tumour_mask_from_tiff(
     *,
     slide_id: str | None = None,
     downsample: int = EVAL_DOWNSAMPLE,
+    tumour_slide: bool = True,
 ) -> np.ndarray:
-    """Tumour mask (bool, :func:`eval_mask_shape`) from a ground-truth mask TIFF via OpenSlide.
+    """Tumour mask (bool) from a ground-truth mask TIFF, read through OpenSlide as the official
+    script reads it.
 
-    Reads the pyramid level whose downsample is nearest ``downsample`` (in log scale) whole and
-    samples it at the centre of every evaluation cell (identity when that level is downsample 32,
-    as in the Camelyon16 masks). Tumour = non-zero first channel (and not transparent).
+    The level of downsample ``downsample`` (:func:`mask_level`; level 5 of the Camelyon16 masks)
+    is used as it is: evaluation cell ``(r, c)`` is its pixel ``(r, c)``, the official
+    ``mask[Y / 2**5, X / 2**5]``, whatever the level-0 size (OpenSlide's ``level_downsamples``,
+    averaged over x and y, are not used), and the mask has that level's shape (a level rounded
+    down ends a cell short: detections in the last partial cell lie outside). A mask without such
+    a level is sampled at the centre of every cell of :func:`eval_mask_shape` in its nearest level,
+    by that level's own downsample per axis (no official answer there; logged). Tumour =
+    non-zero and not transparent.
+
+    :class:`SlideError` when the file cannot be read, its level-0 size is not the slide's, the
+    level read is not a label mask (:func:`check_label_image`) or, ``tumour_slide``, it holds no
+    tumour pixel.
     """
     import openslide
 
@@ -186,19 +254,21 @@ def tumour_mask_from_tiff(
     except openslide.OpenSlideError as exc:
         raise SlideError(slide_id, path, f"cannot open ground-truth mask: {exc}")
     with osr:
-        mask_w, mask_h = osr.dimensions
-        if (mask_w, mask_h) != tuple(int(v) for v in slide_wh):
-            log.warning(
-                "slide %s: mask %s is %dx%d px, the slide %dx%d px; sampling it in its own frame",
+        dims = [tuple(int(v) for v in d) for d in osr.level_dimensions]
+        (mask_w, mask_h), (w, h) = dims[0], (int(slide_wh[0]), int(slide_wh[1]))
+        if (mask_w, mask_h) != (w, h):
+            raise SlideError(
                 slide_id,
                 path,
-                mask_w,
-                mask_h,
-                *slide_wh,
+                f"the mask is {mask_w}x{mask_h} px, the slide {w}x{h} px: a ground-truth mask "
+                "has the size of its slide (another slide's mask?)",
             )
-        ds = np.asarray(osr.level_downsamples, dtype=np.float64)
-        level = int(np.argmin(np.abs(np.log(ds / downsample))))
-        lw, lh = osr.level_dimensions[level]
+        level = mask_level(dims, downsample)
+        exact = level is not None
+        if level is None:
+            ds = np.asarray(osr.level_downsamples, dtype=np.float64)
+            level = int(np.argmin(np.abs(np.log(ds / downsample))))
+        lw, lh = dims[level]
         if lw * lh * 4 > MAX_MASK_LEVEL_BYTES:
             raise SlideError(
                 slide_id,
@@ -210,16 +280,29 @@ def tumour_mask_from_tiff(
             rgba = np.asarray(osr.read_region((0, 0), level, (lw, lh)))
         except openslide.OpenSlideError as exc:
             raise SlideError(slide_id, path, f"cannot read ground-truth mask: {exc}")
-    tumour_level = (rgba[..., 0] > 0) & (rgba[..., 3] > 0)
-    rows, cols = eval_mask_shape((mask_w, mask_h), downsample)
-    level_ds = float(ds[level])
-    src_r = np.clip(np.floor((np.arange(rows) + 0.5) * downsample / level_ds), 0, lh - 1)
-    src_c = np.clip(np.floor((np.arange(cols) + 0.5) * downsample / level_ds), 0, lw - 1)
-    sampled = tumour_level[np.ix_(src_r.astype(np.int64), src_c.astype(np.int64))]
-    out = np.zeros(eval_mask_shape(slide_wh, downsample), dtype=bool)
-    r, c = min(rows, out.shape[0]), min(cols, out.shape[1])
-    out[:r, :c] = sampled[:r, :c]
-    return out
+    grey = check_label_image(rgba, path, slide_id, level)
+    tumour_level = (grey > 0) & (rgba[..., 3] > 0)
+    if exact:
+        tumour = tumour_level
+    else:
+        log.warning(
+            "slide %s: mask %s has no level of downsample %d; sampling level %d (%dx%d px) at the "
+            "cell centres",
+            slide_id, path, downsample, level, lw, lh,
+        )  # fmt: skip
+        rows, cols = eval_mask_shape((w, h), downsample)
+        ds_x, ds_y = _exact_downsample(w, lw), _exact_downsample(h, lh)
+        src_r = np.clip(np.floor((np.arange(rows) + 0.5) * downsample / ds_y), 0, lh - 1)
+        src_c = np.clip(np.floor((np.arange(cols) + 0.5) * downsample / ds_x), 0, lw - 1)
+        tumour = tumour_level[np.ix_(src_r.astype(np.int64), src_c.astype(np.int64))]
+    if tumour_slide and not tumour.any():
+        raise SlideError(
+            slide_id,
+            path,
+            f"tumour slide without a tumour annotation: the mask holds no tumour (non-zero) "
+            f"pixel at downsample {downsample}",
+        )
+    return tumour
 
 
 # -- matching detections ---------------------------------------------------------------------------
@@ -281,7 +364,12 @@ def match_detections(
     hit[inside] = labels[rows[inside], cols[inside]]
     n_out = int(np.count_nonzero(~inside))
     if n_out:
-        log.warning("slide %s: %d detections outside the slide count as FP", slide_id, n_out)
+        log.warning(
+            "slide %s: %d detections outside the evaluation mask (the slide, or a mask level "
+            "rounded down) count as FP",
+            slide_id,
+            n_out,
+        )
     on_itc = np.isin(hit, itc) & (hit > 0)
     on_lesion = (hit > 0) & ~on_itc
     best = np.zeros(max_label, dtype=np.float64)
@@ -454,10 +542,13 @@ class SlideResult:
     model_checksum: str | None
 
 
-def _read_slide(row: dict, results_dir: Path) -> SlideResult:
+def _read_slide(row: dict, results_dir: Path, submission: Path | None = None) -> SlideResult:
+    """One slide's results: ``lesions.csv`` (or ``<submission>/<slide_id>.csv``), the score and
+    the map's slide size and mpp."""
     sid = row["slide_id"]
     base = results_dir / sid
-    lesions = read_lesions_csv(base / "lesions.csv", sid)
+    lesions_csv = base / "lesions.csv" if submission is None else submission / f"{sid}.csv"
+    lesions = read_lesions_csv(lesions_csv, sid)
     rec = read_score_json(base / "score.json", sid)
     attrs = read_probmap_attrs(base / "probmap.h5", sid)
     return SlideResult(
@@ -473,7 +564,10 @@ def _read_slide(row: dict, results_dir: Path) -> SlideResult:
 
 
 def slide_froc(
-    res: SlideResult, base_dir: Path, warn: Callable[[str], None] | None = None
+    res: SlideResult,
+    base_dir: Path,
+    warn: Callable[[str], None] | None = None,
+    groups: AnnotationGroups = DEFAULT_GROUPS,
 ) -> SlideFROC:
     """Evaluation mask (tumour slides), ITC labels and matched detections of one slide.
 
@@ -488,7 +582,9 @@ def slide_froc(
         )
     path = Path(res.annotation)
     path = path if path.is_absolute() else base_dir / path
-    tumour = tumour_mask_from_annotation(path, res.slide_wh, slide_id=res.slide_id, warn=warn)
+    tumour = tumour_mask_from_annotation(
+        path, res.slide_wh, slide_id=res.slide_id, groups=groups, warn=warn
+    )
     labels = evaluation_mask(tumour, res.mpp)
     itc = itc_labels(labels, res.mpp)
     return match_detections(res.slide_id, conf, xy, labels, itc, is_tumour=True)
@@ -624,9 +720,11 @@ def read_cohort(
     records: dict[str, dict[str, Any]],
     allow_missing: bool,
     warn: Warnings,
+    submission: Path | None = None,
 ) -> tuple[list[SlideResult], list[dict]]:
-    """The results of every slide of ``rows``; slides with a failure record in ``records`` (and,
-    with ``allow_missing``, slides whose files cannot be read) are returned as missing."""
+    """The results of every slide of ``rows`` (lesions from ``submission`` when given); slides
+    with a failure record in ``records`` (and, with ``allow_missing``, slides whose files cannot
+    be read) are returned as missing."""
     from tqdm import tqdm
 
     results: list[SlideResult] = []
@@ -641,7 +739,7 @@ def read_cohort(
             warn(f"slide {sid}: left out: {describe_failure(record)}")
             continue
         try:
-            results.append(_read_slide(row, results_dir))
+            results.append(_read_slide(row, results_dir, submission))
         except SlideError as exc:
             earlier = read_failure_record(failure_record_path(results_dir, sid))
             if earlier is not None:
@@ -660,16 +758,36 @@ SLIDE_COLUMNS = (
 
 
 def match_cohort(
-    results: list[SlideResult], exclude: set[str], base_dir: Path, warn: Warnings
-) -> tuple[list[SlideFROC], pd.DataFrame]:
-    """Every slide's FROC contribution (excluded slides have none) and the per-slide table."""
+    results: list[SlideResult],
+    exclude: set[str],
+    base_dir: Path,
+    warn: Warnings,
+    *,
+    groups: AnnotationGroups = DEFAULT_GROUPS,
+    allow_missing: bool = False,
+) -> tuple[list[SlideResult], list[SlideFROC], pd.DataFrame, list[dict]]:
+    """Every slide's FROC contribution (excluded slides have none) and the per-slide table.
+
+    Returns ``(results, froc_slides, table, missing)``: with ``allow_missing``, a slide whose
+    annotation cannot be used (:class:`SlideError`) is left out of everything and listed in
+    ``missing`` with its cause; without, the error stops the evaluation."""
     from tqdm import tqdm
 
+    kept: list[SlideResult] = []
     froc_slides: list[SlideFROC] = []
+    missing: list[dict] = []
     per_slide = []
     for res in tqdm(results, desc="FROC masks", unit="slide", mininterval=5):
         in_froc = res.slide_id not in exclude
-        sf = slide_froc(res, base_dir, warn) if in_froc else None
+        try:
+            sf = slide_froc(res, base_dir, warn, groups) if in_froc else None
+        except SlideError as exc:
+            if not allow_missing:
+                raise
+            missing.append({"slide_id": res.slide_id, "stage": None, "cause": str(exc)})
+            warn(f"slide {res.slide_id}: left out: {exc}")
+            continue
+        kept.append(res)
         if sf is not None:
             froc_slides.append(sf)
         per_slide.append(
@@ -690,7 +808,7 @@ def match_cohort(
     table = pd.DataFrame(per_slide, columns=list(SLIDE_COLUMNS)).astype(
         {c: "Int64" for c in counts}
     )
-    return froc_slides, table
+    return kept, froc_slides, table, missing
 
 
 def slide_roc(
@@ -752,6 +870,7 @@ def evaluate(
     base_dir: str | Path = ".",
     config_checksum: str | None = None,
     failed: Sequence[str] | None = None,
+    submission: str | Path | None = None,
 ) -> dict:
     """Stage ``evaluate``: FROC (Camelyon16) and slide AUC of the ``params.split`` slides
     labelled tumor/normal in ``sheet``, from ``results_dir/<slide_id>/{lesions.csv,score.json,
@@ -763,13 +882,27 @@ def evaluate(
     stopping the run; ``failed`` names those slides instead, as the workflow decides when it plans
     the run, so that the evaluation reads exactly the slides it declared as inputs. Paths in the
     sheet are relative to ``base_dir``. ``config_checksum`` and ``model`` (the checkpoint that
-    scored the slides; its SHA-256 is recorded) are provenance. Writes into ``out_dir``:
+    scored the slides; its SHA-256 is recorded) are provenance. ``submission``: a folder of
+    Camelyon16 ``<slide_id>.csv`` files (``confidence,X,Y``, with or without a header, 0 bytes
+    for no detection; e.g. an earlier run's ``submission/``), read instead of each slide's
+    ``lesions.csv`` (scores, slide sizes and mpp still come from ``results_dir``). The
+    annotation groups are ``params.tumour_groups`` and ``params.exclusion_groups``. Writes into
+    ``out_dir``:
     ``metrics.json``, ``froc.csv``, ``roc.csv``, ``slides.csv``, ``froc.png``, ``roc.png`` and
     ``submission/``; returns the metrics.
     """
     from .config import load_samples
 
     results_dir, out_dir, base_dir = Path(results_dir), Path(out_dir), Path(base_dir)
+    submission = Path(submission) if submission is not None else None
+    if submission is not None and not submission.is_dir():
+        raise ConfigError(f"evaluate: submission folder {str(submission)!r} not found")
+    if submission is not None and submission.resolve() == (out_dir / "submission").resolve():
+        raise ConfigError(
+            f"evaluate: the submission folder {str(submission)!r} is the one this evaluation "
+            "writes; evaluate it into another --out-dir"
+        )
+    groups = AnnotationGroups.of(params)
     samples = load_samples(sheet, base_dir=base_dir, check_files=False)
     labelled = samples["label"].isin(LABELS) & (samples["split"] == params.split)
     rows = samples[labelled].to_dict("records")
@@ -782,8 +915,13 @@ def evaluate(
         log.info("excluded IDs not among the evaluated slides: %s", unknown)
 
     records = failure_records(rows, results_dir, base_dir, params.allow_missing, failed)
-    results, missing = read_cohort(rows, results_dir, records, params.allow_missing, warn)
-    froc_slides, slides_table = match_cohort(results, exclude, base_dir, warn)
+    results, missing = read_cohort(
+        rows, results_dir, records, params.allow_missing, warn, submission
+    )
+    results, froc_slides, slides_table, unusable = match_cohort(
+        results, exclude, base_dir, warn, groups=groups, allow_missing=params.allow_missing
+    )
+    missing += unusable
     y, s, auc, roc = slide_roc(results)
     if auc is None:
         warn(f"AUC undefined: {len(results)} slides with only one class present")
@@ -797,7 +935,7 @@ def evaluate(
     boot = bootstrap_cis(y, s, froc_slides, n=params.bootstrap, seed=params.seed, **options)
     metrics = cohort_metrics(
         params, results, froc_slides, y, auc, froc, boot, missing, warn,
-        model=model, config_checksum=config_checksum,
+        model=model, config_checksum=config_checksum, submission=submission,
     )  # fmt: skip
     tables = {"froc": froc_table(froc), "roc": roc, "slides": slides_table}
     write_cohort_outputs(out_dir, metrics, tables, froc, auc, results)
@@ -833,11 +971,15 @@ def cohort_metrics(
     *,
     model: str | Path | None,
     config_checksum: str | None,
+    submission: Path | None = None,
 ) -> dict:
     """The content of ``metrics.json``."""
     outside = sum(sf.outside for sf in froc_slides)
     if outside:
-        warn(f"{outside} detections lay outside their slide and were counted as FP")
+        warn(
+            f"{outside} detections lay outside their evaluation mask (the slide, or a mask level "
+            "rounded down) and were counted as FP"
+        )
     checksums = sorted({r.model_checksum for r in results if r.model_checksum})
     if len(checksums) > 1:
         warn(f"slides were scored by {len(checksums)} different models: {checksums}")
@@ -876,6 +1018,8 @@ def cohort_metrics(
             "bootstrap": params.bootstrap,
             "seed": params.seed,
             "allow_missing": params.allow_missing,
+            "tumour_groups": list(params.tumour_groups),
+            "exclusion_groups": list(params.exclusion_groups),
             "eval_downsample": EVAL_DOWNSAMPLE,
             "growth_um": GROWTH_UM,
             "itc_major_axis_um": ITC_MAJOR_AXIS_UM,
@@ -884,6 +1028,7 @@ def cohort_metrics(
         "model_checksums": checksums,
         "model": provenance,
         "config_checksum": config_checksum,
+        "lesions_from": "results" if submission is None else str(submission),
         "warnings": warn.items,
     }
 

@@ -286,8 +286,8 @@ def h5_attrs(obj: Any) -> dict[str, Any]:
     def plain(value: Any) -> Any:
         if isinstance(value, bytes):
             return value.decode()
-        if isinstance(value, np.ndarray):
-            return tuple(v.item() for v in value)
+        if isinstance(value, np.ndarray):  # numbers, or strings (a tuple of str setting)
+            return tuple(plain(v) for v in value)
         if isinstance(value, np.generic):
             return value.item()
         return value

@@ -28,7 +28,7 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -44,6 +44,9 @@ from .patches import (
     stable_rng,
     water_fill,
 )
+
+if TYPE_CHECKING:
+    from .annotations import AnnotationGroups
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +89,15 @@ class TumourDistance:
         mpp: float,
         raster_mpp: float,
         reach_um: float,
+        groups: AnnotationGroups | None = None,
     ) -> None:
-        from .annotations import rasterize
+        from .annotations import DEFAULT_GROUPS, rasterize
 
         self.ds = raster_downsample(slide_wh, mpp, raster_mpp, MAX_RASTER_SIDE)
         self.raster_um = self.ds * mpp
         shape = (math.ceil(slide_wh[1] / self.ds), math.ceil(slide_wh[0] / self.ds))
-        tumour = rasterize(annotations, shape, self.ds) if annotations else None
+        groups = groups or DEFAULT_GROUPS
+        tumour = rasterize(annotations, shape, self.ds, groups) if annotations else None
         self.outside: np.ndarray | None = None
         if tumour is not None and tumour.any():
             _, outside, win = border_distance_um(tumour, self.raster_um, reach_um)
@@ -149,16 +154,25 @@ def slide_tumour_distance(
     table: PatchTable, i: int, grid: RoiGrid, params: MineNegativesParams
 ) -> TumourDistance:
     """The tumour distance bound of slide ``i`` of the patch table (its annotation's tumour
-    polygons; none for a slide without any)."""
-    from .annotations import read_asap_xml, split_groups
+    polygons, groups from ``params``; none for a slide without any)."""
+    from .annotations import AnnotationGroups, read_slide_annotations, split_groups
 
+    groups = AnnotationGroups.of(params)
     sid, annotation = table.slide_id[i], table.slide_annotation[i]
     polygons: list[Any] = []
     if annotation:
-        anns = read_asap_xml(annotation, sid)
-        if split_groups(anns)[0]:
+        anns = read_slide_annotations(
+            annotation,
+            grid.slide_wh,
+            slide_id=sid,
+            groups=groups,
+            tumour_slide=table.slide_label[i] == "tumor",
+        )
+        if split_groups(anns, groups)[0]:
             polygons = anns
-    return TumourDistance(polygons, grid.slide_wh, grid.mpp, params.raster_mpp, params.margin_um)
+    return TumourDistance(
+        polygons, grid.slide_wh, grid.mpp, params.raster_mpp, params.margin_um, groups
+    )
 
 
 def mine_slide(

@@ -160,6 +160,9 @@ SECTIONS: dict[str, str] = {
     "infer": "dense FCN inference over the ROI blocks (rule infer)",
     "stitch": "the slide probability map and its lesion mask (rule stitch)",
     "detect": "lesion points, slide score and region exports (rule detect)",
+    "annotation": "reading the tumour annotations (rules evaluate, train_patches, mine_negatives): "
+    "which groups (ASAP PartOfGroup, QuPath GeoJSON classification name) are tumour and which "
+    "are exclusions cut out of it",
     "evaluate": "the cohort evaluation by the Camelyon16 protocol (rule evaluate)",
     "train": "training rounds with hard-negative mining between them (rules train_patches, "
     "train_round, mine_negatives)",
@@ -272,6 +275,12 @@ SETTINGS: dict[str, Setting] = {
            minimum=0.0, maximum=100_000.0, exclusive="min"),
         _s("detect.min_area_um2", float, 0.0, "components (and exported regions) smaller than "
            "this are dropped", unit="um^2", minimum=0.0, maximum=1e12),
+        # -- annotation --
+        _s("annotation.tumour_groups", list, ("Tumor", "_0", "_1"), "annotation groups that "
+           "are tumour (Camelyon16: Tumor, _0, _1; Camelyon17 XML: metastases; QuPath: the "
+           "classification name, e.g. Tumor)", item=str),
+        _s("annotation.exclusion_groups", list, ("_2",), "annotation groups cut out of the "
+           "tumour (Camelyon16: _2, non-tumour regions inside a lesion)", item=str),
         # -- evaluate --
         _s("evaluate.split", str, "test", "the split that is scanned and evaluated",
            choices=("train", "test")),
@@ -569,6 +578,8 @@ class EvaluateParams(StageParams):
     bootstrap: int = key()
     seed: int = key()
     allow_missing: bool = key()
+    tumour_groups: tuple[str, ...] = key("annotation.tumour_groups")
+    exclusion_groups: tuple[str, ...] = key("annotation.exclusion_groups")
 
 
 @stage_params("round_summary", "evaluate")
@@ -588,6 +599,8 @@ class TrainPatchesParams(StageParams):
     raster_mpp: float = key()
     val_fraction: float = key()
     seed: int = key()
+    tumour_groups: tuple[str, ...] = key("annotation.tumour_groups")
+    exclusion_groups: tuple[str, ...] = key("annotation.exclusion_groups")
 
 
 @stage_params("train_round", "train")
@@ -645,6 +658,8 @@ class MineNegativesParams(StageParams):
     raster_mpp: float = key("train.raster_mpp")
     amp: bool = key()
     seed: int = key("train.seed")
+    tumour_groups: tuple[str, ...] = key("annotation.tumour_groups")
+    exclusion_groups: tuple[str, ...] = key("annotation.exclusion_groups")
     dense_mode: str = key()
     batch_size: int = key()
     workers: int = key()

@@ -1,6 +1,8 @@
 """Training patches (stage ``train_patches``): the base patch centres of the training slides.
 
-Positives lie inside the tumour annotations (``Tumor``/``_0``/``_1`` minus ``_2`` exclusions) at
+Positives lie inside the tumour annotations (ASAP XML or QuPath GeoJSON; groups
+``annotation.tumour_groups`` minus ``annotation.exclusion_groups``, by default Camelyon16's
+``Tumor``/``_0``/``_1`` minus ``_2``; a tumour slide without a tumour polygon is an error) at
 least ``positive_margin_um`` from the tumour border; negatives lie in tissue at least
 ``negative_margin_um`` away from any tumour, on tumour and normal slides alike. Candidates are the
 centres of a raster laid over the slide at ``raster_mpp`` um/px (capped so the raster stays small
@@ -43,7 +45,8 @@ MAX_RASTER_SIDE = 8192
 
 @dataclass(frozen=True)
 class TrainSlide:
-    """One training slide: ID, slide file, label (tumor|normal), annotation XML, tissue mask PNG."""
+    """One training slide: ID, slide file, label (tumor|normal), annotation (XML or GeoJSON),
+    tissue mask PNG."""
 
     slide_id: str
     path: str
@@ -203,8 +206,9 @@ class SlideRaster:
 
 def slide_raster(slide: TrainSlide, params: TrainPatchesParams) -> SlideRaster:
     """The candidate rasters of one training slide (from its tissue mask and annotation)."""
-    from .annotations import rasterize, read_asap_xml, split_groups
+    from .annotations import AnnotationGroups, rasterize, read_slide_annotations, split_groups
 
+    groups = AnnotationGroups.of(params)
     mask, meta = read_tissue_mask(slide.mask, slide.slide_id)
     with open_slide(slide.path, slide.slide_id) as s:
         w, h = s.dimensions
@@ -212,17 +216,23 @@ def slide_raster(slide: TrainSlide, params: TrainPatchesParams) -> SlideRaster:
     mpp = float(meta["slide_mpp"])
     ds = raster_downsample((w, h), mpp, params.raster_mpp, MAX_RASTER_SIDE)
     shape = (math.ceil(h / ds), math.ceil(w / ds))
-    annotations = read_asap_xml(slide.annotation, slide.slide_id) if slide.annotation else []
-    tumour_polys, _ = split_groups(annotations)
-    if slide.label == "tumor" and not tumour_polys:
-        log.warning("%s: tumour slide without tumour polygons: negatives only", slide.slide_id)
+    annotations = []
+    if slide.annotation:
+        annotations = read_slide_annotations(
+            slide.annotation,
+            (w, h),
+            slide_id=slide.slide_id,
+            groups=groups,
+            tumour_slide=slide.label == "tumor",
+        )
+    tumour_polys, _ = split_groups(annotations, groups)
     if slide.label == "normal" and tumour_polys:
         log.warning(
             "%s: normal slide with %d tumour polygon(s): they are kept out of the negatives",
             slide.slide_id,
             len(tumour_polys),
         )
-    tumour = rasterize(annotations, shape, ds)
+    tumour = rasterize(annotations, shape, ds, groups)
     tissue = tissue_on_raster(mask, (meta["downsample_x"], meta["downsample_y"]), shape, ds)
     raster_um = ds * mpp
     pos, neg = candidate_masks(

@@ -108,6 +108,11 @@ STAGES: dict[str, Stage] = {
                 optional=True),
             Arg("out_model", "model.pt to write"),
         ), per_slide=False),
+        Stage("check_model", "model", "Check the checkpoint inference will use: it loads, holds "
+              "finite weights and scans the configured geometry.", (
+            Arg("model", "model checkpoint (model.pt) to check"),
+            Arg("out_record", "record (JSON) to write: the model's checksum, width and geometry"),
+        ), per_slide=False),
         Stage("infer", "infer", "Dense ScanNet tiles for every block of rois.h5: tiles.h5.", (
             Arg("slide", "whole-slide image"),
             Arg("rois", "rois.h5 of the roi_grid stage"),

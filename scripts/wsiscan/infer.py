@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .dense import dense_tiles
-from .errors import CheckpointError, ConfigError, SlideError
+from .errors import ConfigError, SlideError
 from .fileio import OutputWriteError, sha256_file
 from .formats.rois import RoiGrid, read_rois
 from .formats.tiles import write_tiles
@@ -183,20 +183,15 @@ def load_scan_model(
     model_path: str | Path, geometry: Geometry, device: torch.device
 ) -> tuple[ScanNet, dict[str, Any]]:
     """The checkpoint's network on ``device`` (eval mode) and its ``tiles.h5`` attributes; a
-    :class:`CheckpointError` when it cannot scan ``geometry`` (another architecture or layers)."""
+    :class:`CheckpointError` when it cannot scan ``geometry`` (another architecture or layers).
+
+    The network is the checkpoint's own (its width, BatchNorm); ``model.width`` configures only
+    the networks that ``init_model`` and ``train_round`` build."""
     from .formats.checkpoint import load_checkpoint
+    from .model import check_scans
 
     model, _ = load_checkpoint(model_path, map_location=device)
-    try:
-        model_geometry = model.geometry(geometry.n, geometry.alpha)
-    except ValueError as exc:
-        raise CheckpointError(model_path, f"cannot scan the ROI grid's geometry: {exc}")
-    if model.arch != geometry.arch or model_geometry.checksum() != geometry.checksum():
-        raise CheckpointError(
-            model_path,
-            f"model {model.arch} (Lf={model.Lf}, Sf={model.Sf}) does not match the ROI grid "
-            f"({geometry.arch}, Lf={geometry.Lf}, Sf={geometry.Sf})",
-        )
+    check_scans(model, geometry, model_path)
     attrs = {
         "model_checksum": sha256_file(model_path),
         "model_arch": model.arch,

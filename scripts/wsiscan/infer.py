@@ -220,14 +220,18 @@ def iter_dense_tiles(
     amp: bool,
     dense_mode: str,
     timing: ScanTiming | None = None,
+    config_keys: tuple[str, str] = ("infer.batch_size", "infer.workers"),
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Dense tiles of every block of ``grid``, in order: yields ``(first block index, float32
     tiles (k, T, T))`` per batch.
 
     ``workers`` DataLoader processes read blocks while the device computes; on CUDA the copy of
     batch ``k`` back to the host overlaps the kernels of batch ``k+1``. A block that cannot be
-    read raises :class:`SlideError` naming the region.
+    read raises :class:`SlideError` naming the region; an error of a reading process (shared
+    memory exhausted, say) is one line too, naming ``config_keys`` (batch size, workers).
     """
+    from .faults import worker_batches
+
     timing = timing or ScanTiming()
     n_blocks = grid.n_blocks
     dataset = BlockDataset(
@@ -254,7 +258,14 @@ def iter_dense_tiles(
     try:
         with exact_cuda_math(device.type == "cuda" and not amp), _autocast(device, amp):
             t_wait = time.perf_counter()
-            for batch in loader:
+            batches = worker_batches(
+                loader,
+                where=f"slide {grid.slide_id!r} ({slide_path})",
+                batch_bytes=batch_size * grid.geometry.block_side**2 * 3,
+                batch_key=config_keys[0],
+                workers_key=config_keys[1],
+            )
+            for batch in batches:
                 t0 = time.perf_counter()
                 timing.wait_s += t0 - t_wait
                 errors = [e for e in batch["error"] if e]

@@ -373,6 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     if args.failure_record is not None and clear_failure_record(args.failure_record):
         log.info("removed the failure record %s of an earlier run", args.failure_record)
+    if args.stage in STAGES:  # the job's log ends with this line (or with the error line)
+        print(f"wsiscan {args.stage}: done", file=sys.stderr)
     return 0
 
 

@@ -673,6 +673,23 @@ def test_a_slide_given_as_an_intermediate_stays_where_it_is(
         assert sorted(p.name for p in folder.glob("my.svs*")) == ["my.svs"]
 
 
+def test_a_damaged_copy_outside_results_stays_where_it_is(capsys, copy, model_pt, tmp_path):
+    """A wsiscan tiles file (its own format attribute) copied outside any results folder, with a
+    damaged chunk: stitch fails naming it and leaves it there (only files under results/ are
+    the workflow's to move)."""
+    elsewhere = tmp_path / "backup" / "tiles.h5"
+    elsewhere.parent.mkdir()
+    shutil.copyfile(copy.tiles, elsewhere)
+    spoil_chunk(elsewhere, "tiles")
+    data = elsewhere.read_bytes()
+    argv = stage_args(copy, "stitch", model_pt)
+    argv[argv.index("--tiles") + 1] = elsewhere
+    rc, err = run_cli(capsys, *argv)
+    line = assert_one_line_error(rc, err, "stitch", "tiles file has unreadable data")
+    assert "left as it is" in line and elsewhere.read_bytes() == data
+    assert not list(elsewhere.parent.glob("*.corrupt"))
+
+
 # -- issue 15: jobs that failed without a failure record are listed --------------------------------
 SNAKEMAKE_ERRORS = """\
 Error in rule infer:

@@ -18,10 +18,10 @@ Corrupt intermediates (:func:`unreadable`): a stage that finds one of the workfl
 intermediates (``rois.h5``, ``tiles.h5``, ``probmap.h5``) unreadable moves it aside to
 ``<name>.corrupt`` and fails with a message saying so; the next run regenerates it with the stage
 that produced it (the file is missing and the failed stage's output is a target). Only files the
-workflow wrote are moved: an HDF5 file carrying the format's own ``format`` attribute, or, when
-HDF5 cannot open it at all, an HDF5 file (by its signature) with the intermediate's name inside a
-``results`` folder. Anything else (a slide given where a tiles file belongs, say) gets the error
-and stays where it is.
+workflow wrote are moved: inside a ``results`` folder, an HDF5 file carrying the format's own
+``format`` attribute, or, when HDF5 cannot open it at all, an HDF5 file (by its signature) with
+the intermediate's name. Anything else (a slide given where a tiles file belongs, a copy of a
+tiles file elsewhere) gets the error and stays where it is.
 """
 
 from __future__ import annotations
@@ -136,10 +136,14 @@ INTERMEDIATE_NAMES = {
 
 
 def is_own_intermediate(path: str | Path, format_tag: str) -> bool:
-    """Whether ``path`` is an intermediate the workflow wrote (see the module docstring)."""
+    """Whether ``path`` is an intermediate the workflow wrote (see the module docstring): inside
+    a ``results`` folder, and an HDF5 file with the format's own ``format`` attribute (or, when
+    HDF5 cannot open it, the HDF5 signature and the intermediate's name)."""
     import h5py
 
     path = Path(path)
+    if "results" not in path.resolve().parent.parts:
+        return False
     try:
         with h5py.File(path, "r") as f:
             return f.attrs.get("format") in (format_tag, format_tag.encode())
@@ -150,11 +154,7 @@ def is_own_intermediate(path: str | Path, format_tag: str) -> bool:
             signature = fh.read(len(HDF5_SIGNATURE))
     except OSError:
         return False
-    return (
-        signature == HDF5_SIGNATURE
-        and path.name == INTERMEDIATE_NAMES.get(format_tag)
-        and "results" in path.resolve().parent.parts
-    )
+    return signature == HDF5_SIGNATURE and path.name == INTERMEDIATE_NAMES.get(format_tag)
 
 
 def unreadable(

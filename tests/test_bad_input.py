@@ -13,6 +13,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -550,3 +551,272 @@ def test_installed_command_exits_1_with_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("wsiscan roi_grid: error:")]
     assert len(lines) == 1 and "slide 'x'" in lines[0] and "m.png" in lines[0], proc.stderr
+
+
+# -- issue 15: clear messages instead of tracebacks or silence ------------------------------------
+def _sparse_and_damaged_centre(path: Path) -> tuple[int, int]:
+    """A 1792x1536 px slide whose centre tile-sized region (the direct reader's self-check,
+    level-0 x 768-1024, y 640-896) spans tiles (3, 2) and (3, 3): tile (3, 2) is left out of the
+    file (byte count 0, a sparse TIFF: the direct reader steps aside and OpenSlide reads the
+    region) and tile (3, 3) cannot be decoded, so OpenSlide meets the damage in the self-check.
+    Returns the damaged tile's level-0 top-left corner."""
+    write_tiff(path, he_image(1536, 1792, seed=2))
+    damage_tile(path, (3, 3))
+    with tifffile.TiffFile(path, mode="r+b") as tf:
+        tag = tf.pages[0].tags["TileByteCounts"]
+        counts = list(tag.value)
+        counts[2 * 7 + 3] = 0
+        tag.overwrite(tuple(counts))
+    return 3 * 256, 3 * 256
+
+
+def test_openslide_error_in_the_self_check_does_not_stick(tmp_path):
+    """OpenSlide keeps failing every read once it met an error; the slide is reopened, so a read
+    far from the damage succeeds and the region that holds the damage is the one named."""
+    from wsiscan.errors import SlideError
+    from wsiscan.slide import open_slide
+
+    path = tmp_path / "centre.tif"
+    tx, ty = _sparse_and_damaged_centre(path)
+    with open_slide(path, "c") as s:
+        far = s.read_rgb((0, 0), 0, (388, 388))  # the first level-0 read runs the self-check
+        assert not s.reads_tiles_directly and far.std() > 1
+        with pytest.raises(SlideError) as info:
+            s.read_rgb((tx - 100, ty - 100), 0, (388, 388))
+        assert f"level0_xy=({tx - 100}, {ty - 100})" in str(info.value)
+        # and after that error too: the handle is fresh again
+        assert s.read_rgb((1400, 0), 0, (388, 388)).shape == (388, 388, 3)
+    with open_slide(path, "c", direct_tiles=False) as ref:
+        with pytest.raises(SlideError):
+            ref.read_rgb((tx, ty), 0, (64, 64))
+        assert np.array_equal(ref.read_rgb((0, 0), 0, (388, 388)), far)
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_a_slide_path_that_is_no_file_says_what_it_is(capsys, tmp_path, kind):
+    path = tmp_path / "s1.svs"
+    if kind == "directory":
+        path.mkdir()
+    else:
+        os.mkfifo(path)  # opening it would block: it must never be opened
+    r = Result(tmp_path, path, "s1")
+    rc, err = run_cli(capsys, *stage_args(r, "tissue_mask", Path("unused")))
+    what = {"directory": "is a directory", "fifo": "is a named pipe (FIFO)"}[kind]
+    line = assert_one_line_error(rc, err, "tissue_mask", "slide 's1'", "s1.svs", what)
+    assert "not found" not in line
+
+
+def test_an_implausible_resolution_names_the_fallback(capsys, tmp_path, caplog):
+    """A 72 dpi TIFF says 352.8 um/px: tissue_mask fails naming slide.mpp_fallback; with the
+    fallback the stage uses it, says so in its log and records it."""
+    from wsiscan.formats.tissue_mask import read_tissue_mask
+
+    slide = write_tiff(tmp_path / "dpi72.tif", he_image(512, 640), mpp=25400 / 72)
+    r = Result(tmp_path, slide, "dpi72")
+    rc, err = run_cli(capsys, *stage_args(r, "tissue_mask", Path("unused")))
+    assert_one_line_error(
+        rc, err, "tissue_mask", "slide 'dpi72'", "352.778 um/px", "plausible", "slide.mpp_fallback"
+    )
+    assert not r.mask.exists()
+    with caplog.at_level("INFO"):
+        rc, err = run_cli(
+            capsys, *stage_args(r, "tissue_mask", Path("unused")), "--mpp-fallback", "0.5"
+        )
+    assert rc == 0, err
+    assert "352.778 um/px" in caplog.text and "using slide.mpp_fallback 0.5" in caplog.text
+    assert read_tissue_mask(r.mask, "dpi72")[1]["slide_mpp"] == 0.5
+
+
+@pytest.mark.slow
+def test_workflow_gives_the_fallback_only_to_the_implausible_slide(workdir):
+    """Through Snakemake, with slide.mpp_fallback set: the 72 dpi slide's tissue_mask uses the
+    fallback and says so in its log; the other slide keeps its own resolution (0.25 um/px)."""
+    from wsiscan.formats.tissue_mask import read_tissue_mask
+
+    (workdir / "slides").mkdir()
+    write_tiff(workdir / "slides" / "dpi72.tif", he_image(512, 640), mpp=25400 / 72)
+    write_tiff(workdir / "slides" / "ok.tif", he_image(512, 640, seed=1), mpp=0.25)
+    rows = "".join(f"{s}\tslides/{s}.tif\t\tnormal\ttest\n" for s in ("dpi72", "ok"))
+    (workdir / "config" / "slides.tsv").write_text(HEADER + rows)
+    cfg = yaml.safe_load((workdir / "config" / "config.yaml").read_text())
+    cfg["slide"]["mpp_fallback"] = 0.5
+    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    run_snakemake(workdir, "--cores", "2", "results/dpi72/tissue.png", "results/ok/tissue.png")
+    logs = workdir / "results" / "logs" / "tissue_mask"
+    assert "352.778 um/px is not a slide's" in (logs / "dpi72.log").read_text()
+    assert "using slide.mpp_fallback 0.5 um/px" in (logs / "dpi72.log").read_text()
+    assert "mpp_fallback" not in (logs / "ok.log").read_text()
+    for sid, mpp in (("dpi72", 0.5), ("ok", 0.25)):
+        mask = workdir / "results" / sid / "tissue.png"
+        assert read_tissue_mask(mask, sid)[1]["slide_mpp"] == pytest.approx(mpp)
+
+
+def _subprocess_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONWARNINGS": "ignore", "WSISCAN_MALLOC_TUNING": "0"}
+
+
+def test_shared_memory_exhausted_in_inference_gives_the_remedy(tmp_path, done, model_pt):
+    """infer with a reading process under a 1 MB /dev/shm (a private mount namespace; a batch
+    of four 388 px blocks is 1.7 MB): one line naming the slide, the cause and the remedy."""
+    r = Result(tmp_path, done.slide, "s1")
+    argv = [str(a) for a in stage_args(r, "infer", model_pt)]
+    argv[argv.index("--rois") + 1] = str(done.rois)
+    argv[argv.index("--workers") + 1] = "1"
+    script = 'mount -t tmpfs -o size=1m tmpfs /dev/shm && exec "$@"'
+    cmd = ["unshare", "-m", "sh", "-c", script, "sh", str(BIN / "wsiscan"), *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_subprocess_env())
+    if proc.returncode != 0 and "wsiscan infer" not in proc.stderr:
+        pytest.skip(f"cannot mount a private /dev/shm here: {proc.stderr.strip()[-300:]}")
+    assert_one_line_error(
+        proc.returncode, proc.stderr, "infer", "slide 's1'", "shared memory", "/dev/shm holds 1 MB",
+        "--shm-size", "infer.batch_size", "infer.workers: 0",
+    )  # fmt: skip
+    assert not r.tiles.exists()
+
+
+# -- checkpoints (issue 15) ------------------------------------------------------------------------
+def check_model_argv(model: Path, record: Path) -> list[str | Path]:
+    """``wsiscan check_model`` of ``model`` for the scan geometry of these tests."""
+    geometry = ["--n", str(N), "--alpha", str(ALPHA)]
+    return ["check_model", "--model", model, "--out-record", record, *geometry]
+
+
+@pytest.mark.parametrize(
+    ("case", "words"),
+    [
+        ("random", ["not a torch file", "zip archive"]),
+        ("truncated", ["not a readable torch file", "truncated or damaged"]),
+        ("nan", ["holds NaN or infinite values"]),
+        ("width", ["shape", "width=0.25"]),
+        ("arch", ["unknown architecture"]),
+    ],
+)
+def test_check_model_refuses_a_bad_checkpoint(capsys, tmp_path, model_pt, case, words):
+    """The workflow's check_model job (upstream of every infer job): one line naming the model
+    file and the cause, and no record."""
+    raw = torch.load(model_pt, weights_only=True)
+    bad = tmp_path / f"{case}.pt"
+    if case == "random":
+        bad.write_bytes(np.random.default_rng(0).bytes(50_000))
+    elif case == "truncated":
+        bad.write_bytes(model_pt.read_bytes()[: model_pt.stat().st_size // 2])
+    elif case == "nan":
+        raw["state_dict"]["features.0.weight"][0, 0, 0, 0] = float("nan")
+        torch.save(raw, bad)
+    elif case == "width":
+        raw["config"]["width"] = 0.25
+        torch.save(raw, bad)
+    else:
+        raw["config"]["arch"] = "resnet50"
+        torch.save(raw, bad)
+    record = tmp_path / "check.json"
+    rc, err = run_cli(capsys, *check_model_argv(bad, record))
+    line = assert_one_line_error(rc, err, "check_model", f"model file {bad}", *words)
+    assert "weights_only` set to `False" not in line and "pickled" not in line
+    assert not record.exists()
+
+
+def test_nan_weights_are_refused_at_load_by_infer(capsys, tmp_path, done, model_pt):
+    raw = torch.load(model_pt, weights_only=True)
+    raw["state_dict"]["features.0.bias"][:] = float("inf")
+    bad = tmp_path / "inf.pt"
+    torch.save(raw, bad)
+    r = Result(tmp_path, done.slide, "s1")
+    argv = stage_args(r, "infer", bad)
+    argv[argv.index("--rois") + 1] = done.rois
+    rc, err = run_cli(capsys, *argv)
+    assert_one_line_error(rc, err, "infer", "inf.pt", "features.0.bias", "NaN or infinite")
+    assert not r.tiles.exists()
+
+
+def test_a_checkpoint_claiming_a_huge_width_allocates_nothing(tmp_path, model_pt):
+    """A checkpoint whose stored config says width 1000 (147 GB of weights at float32) is
+    refused before any network is built: in a process limited to 6 GiB of address space the
+    message is the checkpoint's, not an allocation failure."""
+    raw = torch.load(model_pt, weights_only=True)
+    raw["config"]["width"] = 1000.0
+    bad = tmp_path / "huge.pt"
+    torch.save(raw, bad)
+    code = (
+        "import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30)); "
+        "from wsiscan.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    argv = [str(a) for a in check_model_argv(bad, tmp_path / "check.json")]
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300,
+        env=_subprocess_env(),
+    )  # fmt: skip
+    line = assert_one_line_error(proc.returncode, proc.stderr, "check_model", "huge.pt", "width")
+    assert "1000" in line and "allocate" not in line
+
+
+def test_inference_uses_the_checkpoints_own_width(capsys, tmp_path, done):
+    """model.width configures the networks init_model and train_round build; a checkpoint of
+    another width is valid for check_model and infer, which scan with its own width."""
+    from wsiscan.model import init_model
+    from wsiscan.params import InitModelParams
+
+    other = tmp_path / "w0625.pt"
+    init_model(other, InitModelParams(width=0.0625, seed=1))
+    record = tmp_path / "check.json"
+    rc, err = run_cli(capsys, *check_model_argv(other, record))
+    assert rc == 0, err
+    checked = json.loads(record.read_text())
+    assert checked["width"] == 0.0625 and checked["scan_geometry"]["n"] == N
+    r = Result(tmp_path, done.slide, "s1")
+    argv = stage_args(r, "infer", other)
+    argv[argv.index("--rois") + 1] = done.rois
+    rc, err = run_cli(capsys, *argv)
+    assert rc == 0, err
+    with h5py.File(r.tiles) as f:
+        assert f.attrs["model_width"] == 0.0625
+
+
+# -- the sample sheet (issue 15) -------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("slide_id", "words"),
+    [
+        ("-rf", ["line 3", "'-rf'", "must not start with '-'"]),
+        ("--help", ["line 3", "must not start with '-'"]),
+        ("cohort", ["line 3", "'cohort' is reserved", "results/cohort"]),
+        ("Logs", ["line 3", "reserved", "results/logs"]),
+        ("train", ["line 3", "reserved"]),
+        ("model", ["line 3", "reserved"]),
+        ("benchmarks", ["line 3", "reserved"]),
+    ],
+)
+def test_sheet_refuses_option_like_and_reserved_ids(tmp_path, slide_id, words):
+    from wsiscan.config import load_samples
+
+    rows = ["ok\tdata/demo/ok.tif\t\tnormal\ttest", f"{slide_id}\tdata/demo/x.tif\t\tnormal\ttest"]
+    sheet = tmp_path / "slides.tsv"
+    sheet.write_text(HEADER + "".join(r + "\n" for r in rows))
+    with pytest.raises(ConfigError) as exc:
+        load_samples(sheet, base_dir=tmp_path)
+    for word in words:
+        assert word in str(exc.value)
+
+
+def test_sheet_reads_hash_as_data_and_names_what_a_path_is(tmp_path):
+    from wsiscan.config import load_samples
+
+    folder = tmp_path / "run #3"
+    folder.mkdir()
+    write_tiff(folder / "a#1.tif", he_image(256, 256))
+    sheet = tmp_path / "slides.tsv"
+    sheet.write_text(
+        HEADER
+        + "# a comment line\n"
+        + "a1\trun #3/a#1.tif\t\tnormal\ttest\n\n"
+        + "b1\trun #3\t\tnormal\ttest\n"
+    )
+    with pytest.raises(ConfigError) as exc:
+        load_samples(sheet, base_dir=tmp_path)
+    assert "line 5 (slide_id 'b1')" in str(exc.value) and "is a directory" in str(exc.value)
+    sheet.write_text(HEADER + "# a comment line\na1\trun #3/a#1.tif\t\tnormal\ttest\n")
+    samples = load_samples(sheet, base_dir=tmp_path)
+    assert samples.loc["a1", "path"] == "run #3/a#1.tif" and samples.loc["a1", "label"] == "normal"
+    os.mkfifo(tmp_path / "pipe.tif")
+    sheet.write_text(HEADER + "p1\tpipe.tif\t\tnormal\ttest\n")
+    with pytest.raises(ConfigError, match=r"line 2 .*'pipe.tif' is a named pipe \(FIFO\)"):
+        load_samples(sheet, base_dir=tmp_path)

@@ -149,3 +149,66 @@ def test_dry_run_lists_demo_dag(workdir):
     out = proc.stdout + proc.stderr
     for rule in ("synth_slide", "tissue_mask", "roi_grid", "infer", "stitch", "detect", "evaluate"):
         assert rule in out, f"{rule} missing from the demo DAG:\n{out}"
+
+
+# -- issue 15 --------------------------------------------------------------------------------------
+def test_duplicate_keys_are_refused(tmp_path):
+    from wsiscan.config import check_config_files
+
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("samples: x.tsv\nscan: {n: 4, alpha: 2}\nevaluate:\n  exclude: [a, a]\n")
+    check_config_files([ok])  # a list may repeat a value
+    for text, key, lines in (
+        ("samples: x.tsv\nscan:\n  n: 4\n  alpha: 2\n  n: 8\n", "scan.n", "3 and 5"),
+        ("scan: {n: 4}\nsamples: x.tsv\nscan: {alpha: 2}\n", "scan", "1 and 3"),
+        ('{"train": {"augment": {"hue": 0.1, "hue": 0.2}}}', "train.augment.hue", "1 and 1"),
+    ):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        with pytest.raises(
+            ConfigError, match=rf"bad.yaml: key '{key}' is set twice \(lines {lines}\)"
+        ):
+            check_config_files([ok, bad])
+
+
+def test_workflow_refuses_duplicate_keys_and_an_empty_scan(workdir):
+    """Before any job: a --configfile that sets a key twice (YAML keeps the last value), and a
+    sheet without a slide of evaluate.split while model.checkpoint is set (nothing to scan and
+    nothing to train: the run would do nothing and say nothing)."""
+    mine = workdir / "config" / "mine.yaml"
+    text = (workdir / "config" / "config.yaml").read_text()
+    mine.write_text(text + "\ndetect:\n  threshold: 0.9\n")
+    proc = run_snakemake(workdir, "--configfile", str(mine), "-n", "--cores", "1", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "key 'detect' is set twice" in out and "mine.yaml" in out
+
+    cfg = yaml.safe_load(text)
+    cfg["model"]["checkpoint"] = "results/model/trained.pt"
+    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    sheet = (workdir / "config" / "slides.tsv").read_text().splitlines()
+    train_only = [sheet[0]] + [row for row in sheet[1:] if row.endswith("\ttrain")][:2]
+    (workdir / "config" / "slides.tsv").write_text("\n".join(train_only) + "\n")
+    proc = run_snakemake(workdir, "-n", "--cores", "1", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-2000:]
+    assert "nothing to do: evaluate.split is 'test'" in out and "model.checkpoint is set" in out
+    assert not (workdir / "results").exists()
+    # without model.checkpoint such a sheet trains the model, and says so
+    cfg["model"]["checkpoint"] = None
+    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    proc = run_snakemake(workdir, "-n", "--cores", "1")
+    out = proc.stdout + proc.stderr
+    assert "no slide of split 'test' to scan: building the model only" in out
+    assert "train_round" in out and "rule infer" not in out
+
+
+def test_nothing_to_scan_only_when_no_training_runs_either():
+    from wsiscan.dag import nothing_to_scan
+
+    config = validate_config({"samples": "s.tsv"})
+    assert nothing_to_scan(config, ["train", "train"]) is None  # training runs
+    config["model"]["checkpoint"] = "m.pt"
+    assert "splits there: train" in nothing_to_scan(config, ["train"])
+    assert nothing_to_scan(config, ["train", "test"]) is None
+    config["evaluate"]["split"] = "train"
+    assert nothing_to_scan(config, ["train"]) is None

@@ -450,9 +450,10 @@ def _cmdline(pid: int) -> list[str]:
 
 @pytest.mark.slow
 def test_killed_infer_job_is_redone_and_identical(workdir):
-    """kill -9 of the ``wsiscan infer`` process of a Snakemake job after its first batches: the
-    job fails and leaves no tiles.h5; the next run redoes it, and the maps equal those of an
-    uninterrupted run (infer + stitch called directly on the same inputs)."""
+    """kill -9 of the ``wsiscan infer`` process of a Snakemake job after its first batches (as
+    the out-of-memory killer does): the job fails, leaves no tiles.h5 and no failure record, and
+    the end of the run lists it as killed; the next run redoes it, and the maps equal those of
+    an uninterrupted run (infer + stitch called directly on the same inputs)."""
     from wsiscan.infer import infer
     from wsiscan.params import InferParams, StitchParams
     from wsiscan.stitch import stitch
@@ -494,6 +495,10 @@ def test_killed_infer_job_is_redone_and_identical(workdir):
     assert killed, f"infer was not caught half-way:\n{log.read_text() if log.exists() else ''}"
     assert sm.returncode != 0 and "Error in rule infer" in out, out[-3000:]
     assert not (root / "results" / "k1" / "tiles.h5").exists()
+    # no failure record (the process was killed), but the end of the run names the job
+    assert not (root / "results" / "k1" / "FAILED.json").exists()
+    assert "wsiscan: 1 more job(s) failed in this run" in out, out[-3000:]
+    assert "infer k1: stopped without a message: killed by the system?" in out
 
     proc = run_snakemake(root, "--cores", "2", "--rerun-incomplete", "results/k1/probmap.h5")
     assert "rule infer" in proc.stderr
@@ -515,3 +520,240 @@ def test_killed_infer_job_is_redone_and_identical(workdir):
     with h5py.File(res / "probmap.h5") as a, h5py.File(ref / "probmap.h5") as b:
         np.testing.assert_array_equal(a["prob"][()], b["prob"][()])
         np.testing.assert_array_equal(a["mask"][()], b["mask"][()])
+
+
+# -- issue 15: outputs are never written through a planted link, concurrent writers never mix ------
+@pytest.mark.parametrize("planted", ["old-temp-name", "output-name"])
+def test_a_planted_symlink_is_never_written_through(capsys, copy, model_pt, tmp_path, planted):
+    """A symbolic link at ``<name>.tmp`` (the fixed temporary name of wsiscan 0.1) or at the
+    output's own name, pointing outside results/: stitch writes neither target, and its outputs
+    end as regular files in the slide's folder."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victims = {}
+    for out in (copy.probmap, copy.heatmap):
+        out.unlink()
+        victim = outside / f"{out.name}.victim"
+        victim.write_bytes(b"precious data\n")
+        victims[out] = victim
+        link = out.with_name(out.name + ".tmp") if planted == "old-temp-name" else out
+        link.symlink_to(victim)
+    rc, err = run_cli(capsys, *stage_args(copy, "stitch", model_pt))
+    assert rc == 0, err
+    for out, victim in victims.items():
+        assert victim.read_bytes() == b"precious data\n", victim
+        assert out.is_file() and not out.is_symlink()
+        assert (copy.root / "results" / "s1").resolve() in out.resolve().parents
+    with h5py.File(copy.probmap) as f:
+        assert f["prob"].shape and f.attrs["slide_id"] == "s1"
+
+
+def _stop_when_writing(proc: subprocess.Popen, folder: Path, name: str) -> bool:
+    """SIGSTOP ``proc`` as soon as its temporary file of output ``name`` appears in ``folder``
+    (the output is open and being written); False if it finished first."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if list(folder.glob(f"*{name}*.tmp")):
+            os.kill(proc.pid, signal.SIGSTOP)
+            return True
+        time.sleep(0.002)
+    return False
+
+
+def test_concurrent_writers_of_one_output_never_mix(copy, model_pt):
+    """Two ``wsiscan stitch`` processes write the same probmap.h5 (an orphaned job still running
+    beside its re-run) with different thresholds: the first is stopped while its output is
+    open (it renders the heat map inside), the second runs to the end, then the first resumes.
+    Both succeed, and the file under the final name is complete and comes from one writer (the
+    one that finished last), bit for bit."""
+    with h5py.File(copy.probmap) as f:  # what the first writer's settings give
+        expected = {k: f[k][()] for k in ("prob", "mask")}
+        expected_threshold = f.attrs["threshold"]
+    copy.probmap.unlink()
+    env = {**snakemake_env(), "PYTHONWARNINGS": "ignore"}
+
+    def start(*extra: str) -> subprocess.Popen:
+        argv = [str(a) for a in stage_args(copy, "stitch", model_pt)] + list(extra)
+        return subprocess.Popen(
+            [str(BIN / "wsiscan"), *argv], env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+
+    first = start()
+    try:
+        stopped = _stop_when_writing(first, copy.probmap.parent, "probmap.h5")
+        second = start("--threshold", "0.1")
+        out2, _ = second.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            os.kill(first.pid, signal.SIGCONT)
+    out1, _ = first.communicate(timeout=300)
+    assert stopped, f"the first writer finished before it could be stopped:\n{out1}"
+    assert second.returncode == 0, out2
+    assert first.returncode == 0, out1  # it finished its own file and renamed it last
+    with h5py.File(copy.probmap) as f:
+        assert f.attrs["threshold"] == expected_threshold != 0.1
+        for key, value in expected.items():
+            np.testing.assert_array_equal(f[key][()], value)
+    assert not temp_files(copy.probmap.parent)
+
+
+def test_every_writer_goes_through_fileio():
+    """No module of the package writes a file by itself: every output goes through
+    wsiscan.fileio (an exclusive temporary file in the output's folder, then an atomic rename),
+    and the writers of other libraries get fileio's open file object, never a path. The profile
+    installer (it writes outside results/) and fileio itself are the exceptions."""
+    import ast
+
+    package = REPO / "scripts" / "wsiscan"
+    allowed = {"fileio.py", "profiles.py"}
+    path_writes = {"write_text", "write_bytes", "symlink_to", "hardlink_to", "touch"}
+    shutil_writes = {"copy", "copyfile", "copy2", "copytree", "move"}
+    to_handle = {"savefig": 0, "to_csv": 0, "to_json": 0, "TiffWriter": 0, "imwrite": 0}
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        if path.name in allowed:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            attr = func.attr if isinstance(func, ast.Attribute) else None
+            name = attr or getattr(func, "id", "")
+            owner = getattr(getattr(func, "value", None), "id", None)
+            where = f"{path.relative_to(package)}:{node.lineno} {name}()"
+            modes = [
+                a.value
+                for a in [*node.args[1:], *(k.value for k in node.keywords if k.arg == "mode")]
+                if isinstance(a, ast.Constant) and isinstance(a.value, str)
+            ]
+            if attr in path_writes or (owner == "shutil" and attr in shutil_writes):
+                found.append(where)
+            elif name in ("open", "File") and any(set(m) & set("wax+") for m in modes):
+                found.append(f"{where} for writing")
+            elif (
+                name in to_handle
+                or (owner == "torch" and name == "save")
+                or (
+                    name == "save" and any(k.arg == "format" for k in node.keywords)  # PIL images
+                )
+            ):
+                k = 1 if (owner == "torch" and name == "save") else 0
+                target = node.args[k] if len(node.args) > k else None
+                if not (isinstance(target, ast.Name) and target.id in ("fh", "out")):
+                    found.append(f"{where} to a path")
+    assert not found, "write through wsiscan.fileio instead:\n" + "\n".join(found)
+
+
+# -- issue 15: a file the workflow did not write is never moved -----------------------------------
+@pytest.mark.parametrize(
+    ("stage", "option", "words"),
+    [
+        ("stitch", "--tiles", ["tiles file is not a readable HDF5 file"]),
+        ("detect", "--probmap", ["probability map is not a readable HDF5 file"]),
+        ("infer", "--rois", ["ROI grid file is not a readable HDF5 file"]),
+    ],
+)
+def test_a_slide_given_as_an_intermediate_stays_where_it_is(
+    capsys, copy, model_pt, cmu_svs, tmp_path, stage, option, words
+):
+    """A swapped argument (``wsiscan stitch --tiles my.svs``): an error, and my.svs is neither
+    moved, renamed nor changed, also inside a results folder."""
+    for folder in (tmp_path / "slides", copy.root / "results" / "s1"):
+        folder.mkdir(exist_ok=True)
+        mine = folder / "my.svs"
+        shutil.copyfile(cmu_svs, mine)
+        before = (mine.read_bytes(), mine.stat().st_mtime_ns)
+        argv = stage_args(copy, stage, model_pt)
+        argv[argv.index(option) + 1] = mine
+        rc, err = run_cli(capsys, *argv)
+        line = assert_one_line_error(rc, err, stage, "my.svs", *words)
+        assert "not a file the workflow wrote: left as it is" in line and "moved" not in line
+        assert (mine.read_bytes(), mine.stat().st_mtime_ns) == before
+        assert sorted(p.name for p in folder.glob("my.svs*")) == ["my.svs"]
+
+
+def test_a_damaged_copy_outside_results_stays_where_it_is(capsys, copy, model_pt, tmp_path):
+    """A wsiscan tiles file (its own format attribute) copied outside any results folder, with a
+    damaged chunk: stitch fails naming it and leaves it there (only files under results/ are
+    the workflow's to move)."""
+    elsewhere = tmp_path / "backup" / "tiles.h5"
+    elsewhere.parent.mkdir()
+    shutil.copyfile(copy.tiles, elsewhere)
+    spoil_chunk(elsewhere, "tiles")
+    data = elsewhere.read_bytes()
+    argv = stage_args(copy, "stitch", model_pt)
+    argv[argv.index("--tiles") + 1] = elsewhere
+    rc, err = run_cli(capsys, *argv)
+    line = assert_one_line_error(rc, err, "stitch", "tiles file has unreadable data")
+    assert "left as it is" in line and elsewhere.read_bytes() == data
+    assert not list(elsewhere.parent.glob("*.corrupt"))
+
+
+# -- issue 15: jobs that failed without a failure record are listed --------------------------------
+SNAKEMAKE_ERRORS = """\
+Error in rule infer:
+    message: None
+    jobid: 5
+    output: results/k1/tiles.h5
+    log: {root}/results/logs/infer/k1.log (check log file(s) for error details)
+    shell:
+        wsiscan infer ...
+        (command exited with non-zero exit code)
+Error in rule check_model:
+    jobid: 2
+    log: results/logs/check_model/check.log (check log file(s) for error details)
+Error in group post:
+    message: SLURM-job '1234' failed, SLURM status is: 'OUT_OF_MEMORY'
+    log: .snakemake/slurm_logs/group_post/1234.log (check log file(s) for error details)
+    jobs:
+        rule stitch:
+            jobid: 7
+            output: results/a/probmap.h5
+            log: results/logs/stitch/a.log (check log file(s) for error details)
+        rule stitch:
+            jobid: 8
+            output: results/b/probmap.h5
+            log: results/logs/stitch/b.log (check log file(s) for error details)
+        rule detect:
+            jobid: 9
+            log: results/logs/detect/c.log (check log file(s) for error details)
+"""
+
+
+def test_failed_jobs_and_the_end_of_run_report(tmp_path, monkeypatch):
+    from wsiscan.dag import KILLED, failed_jobs, failure_report
+
+    monkeypatch.chdir(tmp_path)
+    logs = tmp_path / "results" / "logs"
+    for rel, text in {
+        "infer/k1.log": "k1:  40%|####      | 2/5 [00:01<00:01, 1.9block/s]\n",  # killed
+        "check_model/check.log": "wsiscan check_model: error: model file x.pt: not a torch file\n",
+        "stitch/a.log": "wsiscan stitch: error: slide 'a' (a.tif): tiles file not found\n",
+        "stitch/b.log": "INFO wrote results/b/probmap.h5\nwsiscan stitch: done\n",  # finished
+    }.items():
+        (logs / rel).parent.mkdir(parents=True, exist_ok=True)
+        (logs / rel).write_text(text)
+    jobs = failed_jobs(SNAKEMAKE_ERRORS.format(root=tmp_path))
+    assert [(j.rule, j.name) for j in jobs] == [
+        ("infer", "k1"), ("check_model", "check"), ("stitch", "a"), ("detect", "c"),
+    ]  # fmt: skip
+    causes = {j.name: j.cause for j in jobs}
+    assert causes["k1"] == KILLED and causes["c"] == KILLED  # c never wrote its log
+    assert causes["check"] == "model file x.pt: not a torch file"
+    # a stale log of an earlier run says nothing about this one
+    assert (
+        failed_jobs(SNAKEMAKE_ERRORS.format(root=tmp_path), since=time.time() + 60)[2].cause
+        == KILLED
+    )
+
+    records = {"a": {"stage": "stitch", "cause": "slide 'a' (a.tif): tiles file not found"}}
+    report = failure_report(records, ["a"], False, jobs)
+    assert "1 slide(s) failed" in report and "a: stitch failed" in report
+    assert "3 more job(s) failed in this run" in report
+    assert re.search(
+        r"infer k1: stopped without a message: killed by the system\? \(out of memory", report
+    )
+    assert "check_model check: model file x.pt: not a torch file" in report
+    assert report.count("stitch") == 1  # a's failure is listed once, b finished
+    assert failure_report({}, [], False, []) is None

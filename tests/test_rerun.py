@@ -179,3 +179,33 @@ def test_config_edit_reruns_the_stage_and_downstream_only(
         assert after[f"results/{sid}/lesions.csv"] > before[f"results/{sid}/lesions.csv"]
         for rel in ("tiles.h5", "rois.h5", "tissue.png"):
             assert after[f"results/{sid}/{rel}"] == before[f"results/{sid}/{rel}"], rel
+
+
+def test_a_bad_checkpoint_fails_one_job_and_keeps_every_map(
+    repaired_cohort: tuple[Path, dict, str], tmp_path: Path
+):
+    """After a complete run, model.checkpoint is set to a truncated copy of the model: the run
+    fails in the one check_model job, no infer job starts, and every slide's tiles.h5 is kept
+    untouched. Set back, the run has nothing to do (the first model's check record is kept)."""
+    root = fresh_copy(repaired_cohort[0], tmp_path / "cohort")
+    model = root / "results" / "model" / "init.pt"
+    bad = root / "models" / "truncated.pt"
+    bad.parent.mkdir()
+    bad.write_bytes(model.read_bytes()[: model.stat().st_size // 3])
+    before = mtimes(root)
+    tiles = sorted(rel for rel in before if rel.endswith("/tiles.h5"))
+    assert len(tiles) == 3
+    set_config(root, "model", "checkpoint", "models/truncated.pt")
+    proc = run_snakemake(root, "--cores", "2", "--keep-going", check=False)
+    assert proc.returncode != 0
+    assert re.findall(r"Error in rule (\w+)", proc.stderr) == ["check_model"], proc.stderr[-3000:]
+    assert "rule infer" not in proc.stderr
+    after = mtimes(root)
+    assert all(after.get(rel) == before[rel] for rel in tiles), "a tiles.h5 was touched"
+    assert "wsiscan: 1 more job(s) failed in this run" in proc.stderr
+    assert "check_model check: model file models/truncated.pt: not a readable torch file" in (
+        proc.stderr
+    )
+    set_config(root, "model", "checkpoint", None)
+    dry = run_snakemake(root, "--cores", "2", "--dry-run")
+    assert "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-3000:]

@@ -706,3 +706,46 @@ def test_rounds_run_and_raising_rounds_reruns_only_new_stages(tmp_path):
     assert "round=2" in dry.stdout and "results/train/round2/hard_negatives.h5" in dry.stdout
     dry = run_snakemake(tmp_path, "--cores", "2", "-n", *targets)
     assert "Nothing to be done" in dry.stdout + dry.stderr
+
+
+def test_a_damaged_slide_in_a_loader_process_is_one_line(cohort, patches, tmp_path, capsys):
+    """train.workers: 2 with training slides whose level-0 tiles cannot be decoded: the error
+    raised inside a DataLoader worker reaches the user as one line naming the slide and the
+    region, and the failure record holds that line, not torch's traceback."""
+    from wsiscan.formats.patches import write_patch_table
+
+    from .test_bad_input import damage_tile
+
+    table = read_patch_table(patches)
+    damaged = []
+    for sid, path in zip(table.slide_id, table.slide_path, strict=True):
+        copy = tmp_path / f"{sid}.tif"
+        copy.write_bytes(Path(path).read_bytes())
+        for tile in np.ndindex(H // 256, W // 256):
+            damage_tile(copy, tile[::-1])
+        damaged.append(str(copy))
+    table.slide_path = damaged
+    bad = tmp_path / "patches.h5"
+    write_patch_table(bad, table, table.attrs)
+    record = tmp_path / "FAILED.json"
+    out = tmp_path / "round1"
+    argv = [
+        "--failure-record", record, "train_round", "--round-index", "1", "--patches", bad,
+        "--out-model", out / "model.pt", "--out-metrics", out / "metrics.json",
+        "--out-loss-png", out / "loss.png", "--width", str(SLIM), "--epochs", "1",
+        "--patches-per-epoch", "4", "--batch-size", "2", "--val-patches", "2", "--workers", "2",
+        "--threads", "1", "--device", "cpu", "--warmup-steps", "1",
+    ]  # fmt: skip
+    capsys.readouterr()
+    rc = cli.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("wsiscan train_round: error:")]
+    assert len(lines) == 1, err
+    assert re.search(
+        r"slide '(t1|t2|n1|n2)' \(.*\.tif\): cannot read the 244x244 px region", lines[0]
+    )
+    cause = json.loads(record.read_text())["cause"]
+    assert "\n" not in cause and "DataLoader" not in cause and "cannot read" in cause
+    assert not (out / "model.pt").exists()

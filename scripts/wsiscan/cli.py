@@ -108,6 +108,11 @@ STAGES: dict[str, Stage] = {
                 optional=True),
             Arg("out_model", "model.pt to write"),
         ), per_slide=False),
+        Stage("check_model", "model", "Check the checkpoint inference will use: it loads, holds "
+              "finite weights and scans the configured geometry.", (
+            Arg("model", "model checkpoint (model.pt) to check"),
+            Arg("out_record", "record (JSON) to write: the model's checksum, width and geometry"),
+        ), per_slide=False),
         Stage("infer", "infer", "Dense ScanNet tiles for every block of rois.h5: tiles.h5.", (
             Arg("slide", "whole-slide image"),
             Arg("rois", "rois.h5 of the roi_grid stage"),
@@ -381,6 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     if args.failure_record is not None and clear_failure_record(args.failure_record):
         log.info("removed the failure record %s of an earlier run", args.failure_record)
+    if args.stage in STAGES:  # the job's log ends with this line (or with the error line)
+        print(f"wsiscan {args.stage}: done", file=sys.stderr)
     return 0
 
 

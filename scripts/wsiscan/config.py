@@ -15,7 +15,7 @@ key or the sheet line.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +207,43 @@ def config_docs(check: bool = False) -> list[Path]:
 
 
 # -- validation ------------------------------------------------------------------------------------
+def check_config_files(paths: Iterable[str | Path]) -> None:
+    """:class:`ConfigError` naming the file, the key and both lines when a config file sets one
+    key twice (YAML loaders, Snakemake's too, silently keep the last value).
+
+    Snakemake loads the config files itself; the workflow passes ``workflow.configfiles`` here.
+    Files Snakemake cannot read or parse are left to its own error.
+    """
+    import yaml
+
+    def walk(node: yaml.Node, where: tuple[str, ...], path: Path) -> None:
+        if isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                walk(item, where, path)
+            return
+        if not isinstance(node, yaml.MappingNode):
+            return
+        seen: dict[str, int] = {}
+        for key_node, value in node.value:
+            key = str(key_node.value)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(
+                    f"invalid config: {path}: key {'.'.join((*where, key))!r} is set twice "
+                    f"(lines {seen[key]} and {line}); YAML would keep only the last value"
+                )
+            seen[key] = line
+            walk(value, (*where, key), path)
+
+    for path in map(Path, paths):
+        try:
+            root = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue
+        if root is not None:
+            walk(root, (), path)
+
+
 def _schema(name: str, schema: str | Path | None) -> str:
     """The schema file to validate against: ``schema`` (the workflow passes its own, found
     relative to its rule files) or the one beside this package's source (``workflow/schemas/``
@@ -323,6 +360,41 @@ def is_demo_slide(row: Mapping[str, str]) -> bool:
     )
 
 
+def read_sheet_rows(sheet_path: Path) -> tuple[pd.DataFrame, list[int]]:
+    """The sheet's rows as strings, and the file line number of each row.
+
+    Tab-separated, read literally: ``#`` and quotes inside a field are data (a path may hold
+    them). Blank lines and lines whose first character is ``#`` (comments; a slide ID never
+    starts with ``#``) are skipped.
+    """
+    import csv
+    import io
+
+    try:
+        text = sheet_path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{sheet_path}: not a readable TSV: {exc}")
+    kept, numbers = [], []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        kept.append(line)
+        numbers.append(lineno)
+    if not kept:
+        raise ConfigError(f"{sheet_path}: the sample sheet is empty")
+    try:
+        df = pd.read_csv(
+            io.StringIO("\n".join(kept) + "\n"),
+            sep="\t",
+            dtype=str,
+            keep_default_na=False,
+            quoting=csv.QUOTE_NONE,
+        )
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise ConfigError(f"{sheet_path}: not a readable TSV: {exc}")
+    return df, numbers[1:]
+
+
 def load_samples(
     sheet_path: str | Path,
     schema: str | Path | None = None,
@@ -332,19 +404,20 @@ def load_samples(
     """Read and validate the sample sheet; returns it indexed by ``slide_id`` (all columns str).
 
     Checks: exact columns, each row against ``schema`` (default: the clone's
-    ``samples.schema.yaml``), unique IDs, tumour rows with
-    an annotation and (``check_files``) existing files, except demo slides, which the workflow
-    writes. Paths are relative to ``base_dir``. Raises :class:`ConfigError` naming the row.
+    ``samples.schema.yaml``) and :func:`wsiscan.slide.check_slide_id` (no leading ``-``, no
+    reserved name), unique IDs, tumour rows with an annotation and (``check_files``) existing
+    regular files, except demo slides, which the workflow writes. Paths are relative to
+    ``base_dir``. Raises :class:`ConfigError` naming the line.
     """
     from snakemake.utils import validate
+
+    from .errors import SlideIdError
+    from .slide import check_slide_id, not_a_file
 
     sheet_path = Path(sheet_path)
     if not sheet_path.is_file():
         raise ConfigError(f"samples: sample sheet {str(sheet_path)!r} not found")
-    try:
-        df = pd.read_csv(sheet_path, sep="\t", dtype=str, keep_default_na=False, comment="#")
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{sheet_path}: not a readable TSV: {exc}")
+    df, lines = read_sheet_rows(sheet_path)
     missing = [c for c in SHEET_COLUMNS if c not in df.columns]
     extra = [c for c in df.columns if c not in SHEET_COLUMNS]
     if missing or extra:
@@ -364,7 +437,7 @@ def load_samples(
             raise
         sheet_valid = False
     for i, row in enumerate(df.to_dict("records")):
-        where = f"{sheet_path} line {i + 2} (slide_id {row['slide_id']!r})"
+        where = f"{sheet_path} line {lines[i]} (slide_id {row['slide_id']!r})"
         if not sheet_valid:
             try:
                 validate(pd.DataFrame([row]), schema)
@@ -373,15 +446,22 @@ def load_samples(
                 if err is None:
                     raise
                 raise ConfigError(f"{where}: {_describe(err)}")
+        try:
+            check_slide_id(row["slide_id"])
+        except SlideIdError as exc:
+            raise ConfigError(f"{where}: {exc}")
         if row["label"] == "tumor" and not row["annotation"]:
             raise ConfigError(f"{where}: label is tumor but no annotation is given")
         if not check_files or is_demo_slide(row):
             continue
         for col in ("path", "annotation"):
-            if row[col] and not (base / row[col]).is_file():
+            problem = not_a_file(base / row[col]) if row[col] else None
+            if problem == "file not found":
                 raise ConfigError(f"{where}: {col} file {row[col]!r} not found")
+            if problem:
+                raise ConfigError(f"{where}: {col} {row[col]!r} {problem}")
     dups = df["slide_id"][df["slide_id"].duplicated()].unique().tolist()
     if dups:
-        lines = [str(i + 2) for i in df.index[df["slide_id"].isin(dups)]]
-        raise ConfigError(f"{sheet_path}: duplicate slide_id {dups} on lines {', '.join(lines)}")
+        where = [str(lines[i]) for i in range(len(df)) if df["slide_id"].iloc[i] in dups]
+        raise ConfigError(f"{sheet_path}: duplicate slide_id {dups} on lines {', '.join(where)}")
     return df.set_index("slide_id", drop=False)

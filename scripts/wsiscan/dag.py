@@ -9,12 +9,17 @@ Rules only wire files; the decisions they need live here, where tests reach them
   passes through a ``params`` function of ``threads``: Snakemake counts such a parameter as
   derived from the job's resources and never as a rerun trigger;
 * :func:`round_plan` -- which model a training round starts from, its epochs and learning rate;
-* :func:`retry_targets` and :func:`failure_report` -- what the default target adds for slides
-  whose job failed before, and what the end of a failed run says.
+* :func:`model_check_record` -- the record of rule ``check_model``, which every ``infer`` job
+  waits for (a bad checkpoint fails that one job, before any slide's tiles are removed);
+* :func:`nothing_to_scan` -- why a sheet and config give the default target nothing to do;
+* :func:`retry_targets`, :func:`failed_jobs` and :func:`failure_report` -- what the default
+  target adds for slides whose job failed before, which jobs of a run failed (killed ones
+  included), and what the end of a failed run says.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +27,7 @@ from typing import Any, Literal
 
 from .errors import ConfigError
 from .faults import describe_failure
+from .fileio import sha256_json
 from .params import (
     STAGE_PARAMS,
     TissueMaskParams,
@@ -137,6 +143,32 @@ def model_file(config: Mapping[str, Any]) -> str:
     return f"results/train/round{rounds}/model.pt" if rounds else "results/model/init.pt"
 
 
+def model_check_record(config: Mapping[str, Any]) -> str:
+    """``results/model/checks/<model file stem>.<hash of its path>.json``: the record that rule
+    ``check_model`` writes for the model of :func:`model_file`. One record per model path, so
+    that a config set back to an earlier model finds that model's record (and re-runs nothing).
+    """
+    model = model_file(config)
+    return f"results/model/checks/{Path(model).stem}.{sha256_json(model, 10)}.json"
+
+
+def nothing_to_scan(config: Mapping[str, Any], splits: Iterable[str]) -> str | None:
+    """Why the default target would be empty, or None: no slide of the sheet is in
+    ``evaluate.split`` (``splits``: the split of every row) while ``model.checkpoint`` is set,
+    so no training runs either."""
+    split = config_value(config, "evaluate.split")
+    splits = list(splits)
+    if split in splits or not config_value(config, "model.checkpoint"):
+        return None
+    found = ", ".join(sorted(set(splits))) or "none"
+    return (
+        f"nothing to do: evaluate.split is {split!r} but no slide of the sample sheet "
+        f"{config_value(config, 'samples')} is in that split (splits there: {found}), and "
+        "model.checkpoint is set, so no training runs either. Set evaluate.split to the split "
+        "you want to scan, or add slides of that split to the sheet"
+    )
+
+
 # -- failed slides ---------------------------------------------------------------------------------
 def retry_targets(
     failed: Mapping[str, Mapping[str, Any]], stage_outputs: Mapping[str, str]
@@ -152,26 +184,96 @@ def retry_targets(
     return out
 
 
+#: A job log the rules write: ``results/logs/<rule>/<slide, round or name>.log``.
+_JOB_LOG = re.compile(r"(?:^|/)results/logs/(?P<rule>\w+)/(?P<name>[^/\s]+)\.log$")
+#: How Snakemake names the logs of a failed job (single and group jobs alike).
+_FAILED_LOG = re.compile(
+    r"^\s*log: (?P<logs>.+?) \(check log file\(s\) for error details\)\s*$", re.M
+)
+#: The last line a stage writes: ``wsiscan <stage>: error: ...`` or ``wsiscan <stage>: done``.
+_ERROR_LINE = re.compile(r"wsiscan (?P<stage>\w+): error: (?P<cause>.*)$", re.M)
+DONE_LINE = "wsiscan {stage}: done"
+KILLED = (
+    "stopped without a message: killed by the system? (out of memory, scancel, a time limit, a "
+    "node failure; on SLURM `sacct -j <jobid>` says which)"
+)
+
+
+@dataclass(frozen=True)
+class FailedJob:
+    """A job that failed in this run: its rule, the name in its log path (the slide, the round),
+    its log file and what it says: ``cause`` is its error line, else :data:`KILLED`."""
+
+    rule: str
+    name: str
+    log: str
+    cause: str
+
+
+def failed_jobs(snakemake_log: str, *, since: float | None = None) -> list[FailedJob]:
+    """The jobs that failed in a Snakemake run, from the text of its log (``Error in rule``
+    blocks, group jobs included), with what each job's own log says.
+
+    A job whose log ends without ``wsiscan <stage>: error:`` and without the ``done`` line of a
+    finished stage (or that has no log written since ``since``, the run's start in seconds since
+    the epoch) was stopped from outside: killed for memory, cancelled, out of time. Jobs that
+    finished inside a failed group job are left out.
+    """
+    out: dict[str, FailedJob] = {}
+    for m in _FAILED_LOG.finditer(snakemake_log):
+        for log in (p.strip() for p in m.group("logs").split(",")):
+            found = _JOB_LOG.search(log)
+            if not found or log in out:
+                continue
+            rule, name = found.group("rule"), found.group("name")
+            path = Path(log)
+            try:
+                fresh = since is None or path.stat().st_mtime >= since
+                text = path.read_text(errors="replace") if fresh else ""
+            except OSError:
+                text = ""
+            errors = list(_ERROR_LINE.finditer(text))
+            if errors:
+                cause = errors[-1].group("cause").strip()
+            elif DONE_LINE.format(stage=rule) in text:
+                continue  # it finished; its group job failed for another member
+            else:
+                cause = KILLED
+            out[log] = FailedJob(rule, name, log, cause)
+    return list(out.values())
+
+
 def failure_report(
-    failed: Mapping[str, Mapping[str, Any]], labelled: Iterable[str], allow_missing: bool
+    failed: Mapping[str, Mapping[str, Any]],
+    labelled: Iterable[str],
+    allow_missing: bool,
+    jobs: Iterable[FailedJob] = (),
 ) -> str | None:
-    """The end-of-run message naming every failed slide, its stage and cause, and what to do."""
-    if not failed:
+    """The end-of-run message naming every failed slide, its stage and cause, every other job
+    of this run that failed (``jobs``: cohort and training jobs, and jobs killed from outside,
+    which leave no failure record), and what to do."""
+    recorded = {(str(rec.get("stage")), sid) for sid, rec in failed.items()}
+    others = [j for j in jobs if (j.rule, j.name) not in recorded]
+    if not failed and not others:
         return None
-    lines = [f"  {sid}: {describe_failure(rec)}" for sid, rec in failed.items()]
-    advice = (
-        "Fix them (logs: results/logs/<stage>/<slide>.log) and run again: every run retries them."
-    )
-    if set(failed) & set(labelled):
-        if allow_missing:
-            advice += " Until then the evaluation leaves them out (evaluate.allow_missing)."
-        else:
-            advice += (
-                " The cohort evaluation needs every labelled slide; set evaluate.allow_missing:"
-                " true to evaluate the others (metrics.json then lists these under 'missing')."
-            )
-    return (
-        f"wsiscan: {len(failed)} slide(s) failed (results/<slide>/FAILED.json):\n"
-        + "\n".join(lines)
-        + f"\n{advice}"
-    )
+    parts = []
+    if failed:
+        lines = [f"  {sid}: {describe_failure(rec)}" for sid, rec in failed.items()]
+        advice = "Fix them (logs: results/logs/<stage>/<slide>.log) and run again: every run retries them."
+        if set(failed) & set(labelled):
+            if allow_missing:
+                advice += " Until then the evaluation leaves them out (evaluate.allow_missing)."
+            else:
+                advice += (
+                    " The cohort evaluation needs every labelled slide; set evaluate.allow_missing:"
+                    " true to evaluate the others (metrics.json then lists these under 'missing')."
+                )
+        parts.append(
+            f"wsiscan: {len(failed)} slide(s) failed (results/<slide>/FAILED.json):\n"
+            + "\n".join(lines)
+            + f"\n{advice}"
+        )
+    if others:
+        lines = [f"  {j.rule} {j.name}: {j.cause} (log: {j.log})" for j in others]
+        parts.append(f"wsiscan: {len(others)} more job(s) failed in this run:\n" + "\n".join(lines))
+    return "\n".join(parts)

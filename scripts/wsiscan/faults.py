@@ -9,14 +9,19 @@ that failed (so the stage is retried even where older files of the slide still e
 ``evaluate.allow_missing`` the evaluation leaves out the slides that have one
 (:func:`failed_slides`) and lists them in ``metrics.json``.
 
+DataLoader workers (:func:`worker_batches`): an error inside a worker process reaches the main
+process as torch's multi-line text; it is turned into one line naming the slide and the cause (the
+worker's own message for wsiscan errors), and a worker that ran out of shared memory
+(``/dev/shm``, often 64 MB in containers) gets the remedy.
+
 Corrupt intermediates (:func:`unreadable`): a stage that finds one of the workflow's own HDF5
 intermediates (``rois.h5``, ``tiles.h5``, ``probmap.h5``) unreadable moves it aside to
 ``<name>.corrupt`` and fails with a message saying so; the next run regenerates it with the stage
 that produced it (the file is missing and the failed stage's output is a target). Only files the
-workflow wrote are moved: an HDF5 file carrying the format's own ``format`` attribute, or, when
-HDF5 cannot open it at all, an HDF5 file (by its signature) with the intermediate's name inside a
-``results`` folder. Anything else (a slide given where a tiles file belongs, say) gets the error
-and stays where it is.
+workflow wrote are moved: inside a ``results`` folder, an HDF5 file carrying the format's own
+``format`` attribute, or, when HDF5 cannot open it at all, an HDF5 file (by its signature) with
+the intermediate's name. Anything else (a slide given where a tiles file belongs, a copy of a
+tiles file elsewhere) gets the error and stays where it is.
 """
 
 from __future__ import annotations
@@ -25,12 +30,14 @@ import datetime as _dt
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping
+import re
+import shutil
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from . import __version__
-from .errors import SlideError
+from .errors import SlideError, WsiscanError
 from .fileio import write_json
 
 log = logging.getLogger(__name__)
@@ -129,10 +136,14 @@ INTERMEDIATE_NAMES = {
 
 
 def is_own_intermediate(path: str | Path, format_tag: str) -> bool:
-    """Whether ``path`` is an intermediate the workflow wrote (see the module docstring)."""
+    """Whether ``path`` is an intermediate the workflow wrote (see the module docstring): inside
+    a ``results`` folder, and an HDF5 file with the format's own ``format`` attribute (or, when
+    HDF5 cannot open it, the HDF5 signature and the intermediate's name)."""
     import h5py
 
     path = Path(path)
+    if "results" not in path.resolve().parent.parts:
+        return False
     try:
         with h5py.File(path, "r") as f:
             return f.attrs.get("format") in (format_tag, format_tag.encode())
@@ -143,11 +154,7 @@ def is_own_intermediate(path: str | Path, format_tag: str) -> bool:
             signature = fh.read(len(HDF5_SIGNATURE))
     except OSError:
         return False
-    return (
-        signature == HDF5_SIGNATURE
-        and path.name == INTERMEDIATE_NAMES.get(format_tag)
-        and "results" in path.resolve().parent.parts
-    )
+    return signature == HDF5_SIGNATURE and path.name == INTERMEDIATE_NAMES.get(format_tag)
 
 
 def unreadable(
@@ -186,3 +193,96 @@ def unreadable(
         path,
         f"{problem} ({detail}); moved aside to {aside.name}: re-run the workflow to regenerate it",
     )
+
+
+# -- DataLoader workers ----------------------------------------------------------------------------
+T = TypeVar("T")
+_CAUGHT = re.compile(r"^Caught (?P<type>\w+) in DataLoader worker process \d+\.")
+_LAST = re.compile(r"^(?:[\w.]+\.)?(?P<type>\w+): (?P<message>.*)$")
+SHARED_MEMORY = Path("/dev/shm")  # noqa: S108 (where torch puts shared tensors)
+
+
+class WorkerError(WsiscanError):
+    """A DataLoader worker process failed; the message names the slide (or the stage's input)
+    and the cause, in one line."""
+
+
+def _wsiscan_error_names() -> set[str]:
+    names, todo = set(), [WsiscanError]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return names
+
+
+def _shm_size() -> str:
+    try:
+        usage = shutil.disk_usage(SHARED_MEMORY)
+    except OSError:
+        return f"no {SHARED_MEMORY}"
+    return f"{SHARED_MEMORY} holds {usage.total / 2**20:.0f} MB"
+
+
+def worker_error(
+    exc: BaseException, *, where: str, batch_bytes: int, batch_key: str, workers_key: str
+) -> WsiscanError | None:
+    """The one-line error for an exception a DataLoader raised from (or about) a worker process,
+    or None when ``exc`` is not one (the caller re-raises it as it is).
+
+    ``where`` names what is read (``slide 'x' (path)``); ``batch_bytes`` is the size of one
+    batch and ``batch_key`` / ``workers_key`` the config keys of its batch size and workers,
+    for the remedy when shared memory ran out.
+    """
+    text = str(exc)
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return None
+    if "shared memory" in text.lower():
+        return WorkerError(
+            f"{where}: the DataLoader workers ran out of shared memory ({_shm_size()}; one "
+            f"batch is {batch_bytes / 2**20:.1f} MB and each reading process keeps several): "
+            f"give the job a larger {SHARED_MEMORY} (containers: docker run --shm-size=1g, or "
+            f"the runtime's equivalent), or lower {batch_key}, or set {workers_key}: 0 (reads in "
+            "the main process)"
+        )
+    caught = _CAUGHT.match(lines[0])
+    if caught is None:
+        if lines[0].startswith("DataLoader worker (pid"):  # killed by a signal, or vanished
+            return WorkerError(
+                f"{where}: a DataLoader worker process died ({lines[0]}): out of memory? "
+                f"lower {batch_key} or {workers_key}"
+            )
+        return None
+    last = _LAST.match(lines[-1])
+    message = last.group("message") if last else lines[-1]
+    kind = caught.group("type")
+    if kind in _wsiscan_error_names():
+        return WorkerError(message)  # names the slide, the file and the cause already
+    if kind in ("OSError", "IOError", "FileNotFoundError", "PermissionError", "MemoryError"):
+        return WorkerError(f"{where}: a DataLoader worker failed: {kind}: {message}")
+    return None
+
+
+def worker_batches(
+    loader: Iterable[T], *, where: str, batch_bytes: int, batch_key: str, workers_key: str
+) -> Iterator[T]:
+    """The batches of ``loader``; an error from a worker process is raised as the one-line
+    :class:`WorkerError` of :func:`worker_error` (torch's text, with the worker's traceback, is
+    logged at debug level)."""
+    keys = {"where": where, "batch_bytes": batch_bytes, "batch_key": batch_key}
+    batches = None
+    while True:
+        try:
+            if batches is None:
+                batches = iter(loader)
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as exc:
+            error = worker_error(exc, workers_key=workers_key, **keys)
+            if error is None:
+                raise
+            log.debug("DataLoader error: %s", exc)
+            raise error from None
+        yield batch

@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .dense import dense_tiles
-from .errors import CheckpointError, ConfigError, SlideError
+from .errors import ConfigError, SlideError
 from .fileio import OutputWriteError, sha256_file
 from .formats.rois import RoiGrid, read_rois
 from .formats.tiles import write_tiles
@@ -183,20 +183,15 @@ def load_scan_model(
     model_path: str | Path, geometry: Geometry, device: torch.device
 ) -> tuple[ScanNet, dict[str, Any]]:
     """The checkpoint's network on ``device`` (eval mode) and its ``tiles.h5`` attributes; a
-    :class:`CheckpointError` when it cannot scan ``geometry`` (another architecture or layers)."""
+    :class:`CheckpointError` when it cannot scan ``geometry`` (another architecture or layers).
+
+    The network is the checkpoint's own (its width, BatchNorm); ``model.width`` configures only
+    the networks that ``init_model`` and ``train_round`` build."""
     from .formats.checkpoint import load_checkpoint
+    from .model import check_scans
 
     model, _ = load_checkpoint(model_path, map_location=device)
-    try:
-        model_geometry = model.geometry(geometry.n, geometry.alpha)
-    except ValueError as exc:
-        raise CheckpointError(model_path, f"cannot scan the ROI grid's geometry: {exc}")
-    if model.arch != geometry.arch or model_geometry.checksum() != geometry.checksum():
-        raise CheckpointError(
-            model_path,
-            f"model {model.arch} (Lf={model.Lf}, Sf={model.Sf}) does not match the ROI grid "
-            f"({geometry.arch}, Lf={geometry.Lf}, Sf={geometry.Sf})",
-        )
+    check_scans(model, geometry, model_path)
     attrs = {
         "model_checksum": sha256_file(model_path),
         "model_arch": model.arch,
@@ -225,14 +220,18 @@ def iter_dense_tiles(
     amp: bool,
     dense_mode: str,
     timing: ScanTiming | None = None,
+    config_keys: tuple[str, str] = ("infer.batch_size", "infer.workers"),
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Dense tiles of every block of ``grid``, in order: yields ``(first block index, float32
     tiles (k, T, T))`` per batch.
 
     ``workers`` DataLoader processes read blocks while the device computes; on CUDA the copy of
     batch ``k`` back to the host overlaps the kernels of batch ``k+1``. A block that cannot be
-    read raises :class:`SlideError` naming the region.
+    read raises :class:`SlideError` naming the region; an error of a reading process (shared
+    memory exhausted, say) is one line too, naming ``config_keys`` (batch size, workers).
     """
+    from .faults import worker_batches
+
     timing = timing or ScanTiming()
     n_blocks = grid.n_blocks
     dataset = BlockDataset(
@@ -259,7 +258,14 @@ def iter_dense_tiles(
     try:
         with exact_cuda_math(device.type == "cuda" and not amp), _autocast(device, amp):
             t_wait = time.perf_counter()
-            for batch in loader:
+            batches = worker_batches(
+                loader,
+                where=f"slide {grid.slide_id!r} ({slide_path})",
+                batch_bytes=batch_size * grid.geometry.block_side**2 * 3,
+                batch_key=config_keys[0],
+                workers_key=config_keys[1],
+            )
+            for batch in batches:
                 t0 = time.perf_counter()
                 timing.wait_s += t0 - t_wait
                 errors = [e for e in batch["error"] if e]

@@ -199,6 +199,7 @@ def mine_slide(
         device=device,
         amp=params.amp and device.type == "cuda",
         dense_mode=params.dense_mode,
+        config_keys=("train.mine.batch_size", "train.mine.workers"),
     )
     for start, batch in tiles:
         xy, prob = cells_above(

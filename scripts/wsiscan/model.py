@@ -18,6 +18,7 @@ training and the tests.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,10 +29,13 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (the usual torch alias)
 from torch import nn
 
+from . import __version__
 from .errors import CheckpointError
 from .formats.checkpoint import read_torch_file, save_checkpoint
 from .geometry import ARCHITECTURES, Geometry, LayerSpec, receptive_field
-from .params import SETTINGS, InitModelParams
+from .params import SETTINGS, CheckModelParams, InitModelParams
+
+log = logging.getLogger(__name__)
 
 #: ImageNet channel mean and standard deviation (RGB, on values scaled to [0, 1]).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -372,3 +376,62 @@ def init_model(
         **model.config(),
         **meta,
     }
+
+
+# -- the model check -------------------------------------------------------------------------------
+def check_scans(model: ScanNet, geometry: Geometry, model_path: str | Path) -> None:
+    """:class:`CheckpointError` naming ``model_path`` unless ``model`` scans ``geometry`` (the
+    same architecture and layers, so the same ``Lf``, ``Sf`` and block sides)."""
+    try:
+        own = model.geometry(geometry.n, geometry.alpha)
+    except ValueError as exc:
+        raise CheckpointError(model_path, f"cannot scan the geometry {geometry.arch}: {exc}")
+    if model.arch != geometry.arch or own.checksum() != geometry.checksum():
+        raise CheckpointError(
+            model_path,
+            f"model {model.arch} (Lf={model.Lf}, Sf={model.Sf}) does not match the scan "
+            f"geometry ({geometry.arch}, Lf={geometry.Lf}, Sf={geometry.Sf})",
+        )
+
+
+def check_model(model: str | Path, out_record: str | Path, params: CheckModelParams) -> dict:
+    """Stage ``check_model``: the checkpoint inference will use, checked once on the CPU before
+    any ``infer`` job runs, so that a bad ``model.checkpoint`` fails this one job (and no slide
+    loses its tiles).
+
+    Loads ``model`` with every check of :func:`wsiscan.formats.checkpoint.load_checkpoint` (a
+    torch file, weights only, shapes checked before the network is built, finite weights),
+    checks that it scans the configured geometry (``scan.arch``, ``scan.n``, ``scan.alpha``) and
+    that one ``Lf x Lf`` patch gives finite probabilities, then writes a small JSON record
+    (the model's path, SHA-256, architecture, width, BatchNorm and the geometry) and returns it.
+    """
+    from .fileio import sha256_file, write_json
+    from .formats.checkpoint import load_checkpoint
+
+    net, _ = load_checkpoint(model, map_location="cpu")
+    geometry = Geometry.for_arch(params.arch, n=params.n, alpha=params.alpha)
+    check_scans(net, geometry, model)
+    with torch.no_grad():
+        patch = torch.full((1, 3, net.Lf, net.Lf), 0.5)
+        prob = net.tumour_probability(net(patch))
+    if not bool(torch.isfinite(prob).all()):
+        raise CheckpointError(model, "the network gives NaN or infinite outputs on a patch")
+    record = {
+        "model": str(model),
+        "sha256": sha256_file(model),
+        **net.config(),
+        "scan_geometry": geometry.as_attrs(),
+        "wsiscan_version": __version__,
+    }
+    write_json(out_record, record)
+    log.info(
+        "model %s: %s width %g%s, scans %d px blocks (n=%d, alpha=%d)",
+        model,
+        net.arch,
+        net.width,
+        " with BatchNorm" if net.batchnorm else "",
+        geometry.block_side,
+        geometry.n,
+        geometry.alpha,
+    )
+    return record

@@ -231,8 +231,9 @@ SETTINGS: dict[str, Setting] = {
         _s("scan.min_tissue_fraction", float, 0.0, "keep a block when this share of its output "
            "coverage is tissue (any tissue at 0)", **_FRACTION),
         # -- model --
-        _s("model.width", float, 1.0, "channel multiplier: 1 is the paper's VGG16", minimum=0.0,
-           maximum=1.0, exclusive="min"),
+        _s("model.width", float, 1.0, "channel multiplier of the networks init_model and "
+           "train_round build (1 is the paper's VGG16); a model.checkpoint carries its own width, "
+           "which inference uses", minimum=0.0, maximum=1.0, exclusive="min"),
         _s("model.batchnorm", bool, True, "BatchNorm after every convolution but the last"),
         _s("model.checkpoint", str, None, "a trained model.pt: inference uses it and no "
            "training runs", nullable=True),
@@ -388,7 +389,8 @@ SETTINGS: dict[str, Setting] = {
 WIRING: dict[str, str] = {
     "samples": "the slides of every per-slide job",
     "scan.roi_side_px": "converted to scan.n when the config is validated",
-    "model.checkpoint": "the model file infer reads; set, no training job exists",
+    "model.checkpoint": "the model file check_model checks and infer reads; set, no training "
+    "job exists",
     "model.imagenet_weights": "an input of init_model and of the first train_round",
     "train.rounds": "which train_round and mine_negatives jobs exist",
     "train.round_init": "train_round's starting model (round plan)",
@@ -534,6 +536,15 @@ class InitModelParams(StageParams):
     seed: int = key()
 
 
+@stage_params("check_model", "scan")
+class CheckModelParams(StageParams):
+    """Stage ``check_model``: the checkpoint inference uses loads and scans this geometry."""
+
+    arch: str = key()
+    n: int = key()
+    alpha: int = key()
+
+
 @stage_params("infer", "infer")
 class InferParams(StageParams):
     """Stage ``infer``: dense tiles for every ROI block."""
@@ -675,6 +686,7 @@ STAGE_PARAMS: dict[str, type[StageParams]] = {
         TissueMaskParams,
         RoiGridParams,
         InitModelParams,
+        CheckModelParams,
         InferParams,
         StitchParams,
         DetectParams,

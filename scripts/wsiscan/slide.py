@@ -33,12 +33,27 @@ _TIFF_JPEG = 7
 _PHOTOMETRIC_RGB, _PHOTOMETRIC_YCBCR = 2, 6
 
 SLIDE_ID_RE = re.compile(r"^[A-Za-z0-9._-]+$")
+#: Folders of ``results/`` that hold the workflow's own files: no slide may be named after one
+#: (its files would mix with them, and ``rm -r results/<slide>`` would delete them).
+RESERVED_SLIDE_IDS = ("benchmarks", "cohort", "logs", "model", "train")
 
 
 def check_slide_id(slide_id: str) -> str:
-    """Return ``slide_id`` if it matches ``[A-Za-z0-9._-]+`` and is not ``.``/``..``; else raise."""
+    """Return ``slide_id`` if it can name a results folder and a command-line value; else raise
+    :class:`SlideIdError` saying why: it must match ``[A-Za-z0-9._-]+``, must not start with
+    ``-`` (it would read as an option), must not be ``.``/``..`` and must not be one of
+    :data:`RESERVED_SLIDE_IDS` (in any case)."""
     if not SLIDE_ID_RE.match(slide_id) or slide_id in {".", ".."}:
         raise SlideIdError(f"slide ID {slide_id!r} must match [A-Za-z0-9._-]+ (and not be . or ..)")
+    if slide_id.startswith("-"):
+        raise SlideIdError(
+            f"slide ID {slide_id!r} must not start with '-' (it would read as a command option)"
+        )
+    if slide_id.lower() in RESERVED_SLIDE_IDS:
+        raise SlideIdError(
+            f"slide ID {slide_id!r} is reserved: results/{slide_id.lower()} holds the workflow's "
+            f"own files (reserved: {', '.join(RESERVED_SLIDE_IDS)})"
+        )
     return slide_id
 
 
@@ -61,9 +76,9 @@ class Slide:
         self.slide_id = slide_id or self.path.stem
         self._direct: _DirectTiles | None = None
         self._direct_pending = bool(direct_tiles)  # set up on the first level-0 read
-        if not self.path.is_file():
-            what = "is a directory, not a slide file" if self.path.is_dir() else "file not found"
-            raise SlideError(self.slide_id, self.path, what)
+        problem = not_a_file(self.path)
+        if problem:
+            raise SlideError(self.slide_id, self.path, problem)
         try:
             self._osr = openslide.OpenSlide(str(self.path))
         except openslide.OpenSlideUnsupportedFormatError:
@@ -156,8 +171,22 @@ class Slide:
         try:
             rgba = np.asarray(self._osr.read_region((x0, y0), level, (w, h)))
         except openslide.OpenSlideError as exc:
+            self.reopen()  # the handle keeps failing after an error
             raise self._read_error(x0, y0, w, h, level, exc)
         return _rgba_to_rgb_on_white(rgba)
+
+    def reopen(self) -> None:
+        """Open the file again through OpenSlide. An OpenSlide handle that met an error (a tile
+        it cannot decode) fails every later call with that error, wherever it reads."""
+        import openslide
+
+        try:
+            fresh = openslide.OpenSlide(str(self.path))
+        except (openslide.OpenSlideError, OSError) as exc:
+            log.debug("%s: cannot reopen %s: %s", self.slide_id, self.path, exc)
+            return
+        self._osr.close()
+        self._osr = fresh
 
     def _read_error(self, x0: int, y0: int, w: int, h: int, level: int, exc: Exception):
         return SlideError(
@@ -228,6 +257,33 @@ def file_mpp(path: str | Path) -> float | None:
 
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def not_a_file(path: str | Path) -> str | None:
+    """Why ``path`` is not a regular file one can read (``file not found``, ``is a directory``,
+    ``is a named pipe (FIFO)``, ...), or None when it is one. Symbolic links are followed."""
+    import stat
+
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "is a broken symbolic link" if path.is_symlink() else "file not found"
+    except PermissionError as exc:
+        return f"cannot be read: {exc.strerror}"
+    except OSError as exc:
+        return f"cannot be read: {exc}"
+    if stat.S_ISREG(mode):
+        return None
+    kinds = {
+        stat.S_ISDIR: "a directory",
+        stat.S_ISFIFO: "a named pipe (FIFO)",
+        stat.S_ISCHR: "a character device",
+        stat.S_ISBLK: "a block device",
+        stat.S_ISSOCK: "a socket",
+    }
+    kind = next((name for test, name in kinds.items() if test(mode)), "not a regular file")
+    return f"is {kind}, not a file" if kind != "not a regular file" else "is not a regular file"
 
 
 def _unsupported_cause(path: Path) -> str:
@@ -321,6 +377,7 @@ class _DirectTiles:
         except Exception as exc:  # a damaged tile: OpenSlide reports it on the real read
             log.debug("%s: direct tile reader not checked (%s)", slide.slide_id, exc)
             reader.close()
+            slide.reopen()  # if OpenSlide met the damage, its handle would fail every read
             return None
         if mine is None or not np.array_equal(mine, theirs):
             log.warning(

@@ -311,9 +311,27 @@ def load_train_state(path: str | Path) -> dict[str, Any] | None:
     return state
 
 
+def _batches(
+    loader: torch.utils.data.DataLoader, params: TrainRoundParams, what: str
+) -> Iterator[Any]:
+    """The loader's batches; an error in a patch-reading process is one line (the worker's own
+    message names the slide), shared memory exhausted comes with its remedy."""
+    from .faults import worker_batches
+
+    side = int(getattr(loader.dataset, "patch_px", 244))
+    return worker_batches(
+        loader,
+        where=what,
+        batch_bytes=params.batch_size * side * side * 3,
+        batch_key="train.batch_size",
+        workers_key="train.workers",
+    )
+
+
 def _evaluate(
     model: torch.nn.Module,
     loader: torch.utils.data.DataLoader,
+    params: TrainRoundParams,
     device: torch.device,
     hard_mask: np.ndarray,
     keys: np.ndarray,
@@ -333,7 +351,7 @@ def _evaluate(
     model.eval()
     losses, correct, labels = [], [], []
     with torch.inference_mode():
-        for images, y in loader:
+        for images, y in _batches(loader, params, "validation"):
             x = to_tensor(images, device=device)
             y = y.to(device)
             with amp_ctx():
@@ -563,35 +581,39 @@ def _train_epoch(
         file=sys.stderr,
         mininterval=5.0,
     )
-    batches = iter(loader)
-    for step in range(params.steps_per_epoch):
-        t_wait = time.perf_counter()
-        images, y = next(batches)
-        wait += time.perf_counter() - t_wait
-        global_step = epoch * params.steps_per_epoch + step
-        lr = learning_rate(global_step, total_steps, params.lr, params.warmup_steps)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        x = to_tensor(images, device=device)
-        y = y.to(device, non_blocking=True)
-        with amp_ctx():
-            logits = model(x).flatten(1)
-        loss = torch.nn.functional.cross_entropy(
-            logits.float(), y, label_smoothing=params.label_smoothing
-        )
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise RuntimeError(f"round {round_index}: loss became {value} at step {global_step}")
-        losses.append(value)
-        n_correct += int((logits.detach().argmax(1) == y).sum())
-        n_seen += int(y.shape[0])
-        bar.update(1)
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", lr=f"{lr:.2g}", refresh=False)
-    bar.close()
+    batches = _batches(loader, params, f"training round {round_index}")
+    try:  # the bar ends its line also on an error, so the error line stands alone
+        for step in range(params.steps_per_epoch):
+            t_wait = time.perf_counter()
+            images, y = next(batches)
+            wait += time.perf_counter() - t_wait
+            global_step = epoch * params.steps_per_epoch + step
+            lr = learning_rate(global_step, total_steps, params.lr, params.warmup_steps)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            x = to_tensor(images, device=device)
+            y = y.to(device, non_blocking=True)
+            with amp_ctx():
+                logits = model(x).flatten(1)
+            loss = torch.nn.functional.cross_entropy(
+                logits.float(), y, label_smoothing=params.label_smoothing
+            )
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise RuntimeError(
+                    f"round {round_index}: loss became {value} at step {global_step}"
+                )
+            losses.append(value)
+            n_correct += int((logits.detach().argmax(1) == y).sum())
+            n_seen += int(y.shape[0])
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", lr=f"{lr:.2g}", refresh=False)
+    finally:
+        bar.close()
     train_s = time.perf_counter() - t0
     record = {
         "epoch": epoch + 1,
@@ -720,7 +742,7 @@ def run_epochs(
         )  # fmt: skip
         t_val = time.perf_counter()
         record.update(
-            _evaluate(model, loaders["val"], device, data.is_hard, data.val_keys, amp_ctx)
+            _evaluate(model, loaders["val"], params, device, data.is_hard, data.val_keys, amp_ctx)
         )
         record["val_s"] = time.perf_counter() - t_val
         record["epoch_time_s"] = record["train_s"] + record["val_s"]

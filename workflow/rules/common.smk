@@ -2,6 +2,7 @@
 # the input functions. Decisions live in the package (wsiscan.dag); this file only wires them.
 import os
 import sys
+import time
 from pathlib import Path
 
 from snakemake.logging import logger
@@ -23,7 +24,12 @@ if WSISCAN_SRC is not None:
     sys.path.insert(0, str(WSISCAN_SRC))
 try:
     from wsiscan import dag
-    from wsiscan.config import config_checksum, load_samples, validate_config
+    from wsiscan.config import (
+        check_config_files,
+        config_checksum,
+        load_samples,
+        validate_config,
+    )
     from wsiscan.errors import ConfigError
     from wsiscan.faults import failed_slides, failure_record_path
 except ImportError as exc:
@@ -64,14 +70,19 @@ def wsiscan(arguments):
 
 
 WSISCAN_ENV = "../envs/wsiscan.yaml"
+RUN_START = time.time()
 
 try:
     SCHEMAS = {
         name: workflow.source_path(f"../schemas/{name}.schema.yaml")
         for name in ("config", "samples")
     }
+    check_config_files(workflow.configfiles)
     validate_config(config, schema=SCHEMAS["config"])
     SAMPLES = load_samples(config["samples"], schema=SCHEMAS["samples"])
+    nothing = dag.nothing_to_scan(config, SAMPLES["split"])
+    if nothing:
+        raise ConfigError(nothing)
 except ConfigError as exc:
     raise WorkflowError(str(exc)) from None
 
@@ -150,6 +161,13 @@ def model_file():
     return dag.model_file(config)
 
 
+def model_check():
+    """What check_model writes for the model of model_file(). Every infer job waits for it, so
+    that a bad checkpoint fails that one job before any slide's tiles.h5 is removed. ancient(),
+    so that a new record (the same model checked again) re-runs no inference."""
+    return ancient(dag.model_check_record(config))
+
+
 # -- failed slides (wsiscan.faults, wsiscan.dag) ---------------------------------------------------
 #: Per-slide stages that leave a failure record when they fail.
 PER_SLIDE_STAGES = ("tissue_mask", "roi_grid", "infer", "stitch", "detect")
@@ -175,6 +193,7 @@ def final_outputs():
     """Default targets: per-slide lesions of the scanned split and the cohort metrics; for a
     slide whose job failed before, also the output of the stage that failed (its rule's first
     output), so that the stage is retried even where older files downstream of it still exist.
+    A sheet with no slide to scan gets the model (the training rounds) instead.
     """
     out = expand("results/{slide}/lesions.csv", slide=scan_slides())
     stage_outputs = {s: str(getattr(rules, s).output[0]) for s in PER_SLIDE_STAGES}
@@ -183,6 +202,13 @@ def final_outputs():
         out.append("results/cohort/metrics.json")
         if earlier_rounds():
             out.append("results/cohort/rounds.tsv")
+    # no slide to scan (and model.checkpoint unset: see dag.nothing_to_scan): train only
+    if not out:
+        logger.info(
+            f"wsiscan: no slide of split {EVAL['split']!r} to scan: building the model only "
+            f"({model_file()})"
+        )
+        out.append(model_file())
     return out
 
 
@@ -226,8 +252,17 @@ def round_failure_record(wildcards):
 
 
 onerror:
+    text = ""
+    for path in log or []:
+        try:
+            text += Path(path).read_text(errors="replace")
+        except OSError:
+            pass
     message = dag.failure_report(
-        failed_before(SAMPLES.index), labelled_slides(), EVAL["allow_missing"]
+        failed_before(SAMPLES.index),
+        labelled_slides(),
+        EVAL["allow_missing"],
+        dag.failed_jobs(text, since=RUN_START),
     )
     if message:
         logger.error(message)

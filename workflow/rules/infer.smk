@@ -6,6 +6,7 @@ rule infer:
         slide=slide_path,
         rois="results/{slide}/rois.h5",
         model=model_file(),
+        checked=model_check(),
     output:
         tiles="results/{slide}/tiles.h5",
     log:

@@ -26,6 +26,7 @@ import numpy as np
 from .. import __version__
 from ..errors import CheckpointError
 from ..fileio import atomic_write, sha256_file
+from ..params import SETTINGS
 
 if TYPE_CHECKING:
     import torch
@@ -35,14 +36,39 @@ if TYPE_CHECKING:
 CHECKPOINT_FORMAT = "wsiscan-scannet/1"
 
 
+#: First bytes of a torch file: a zip archive (``torch.save`` since torch 1.6) or a pickle
+#: (protocol 2 to 5; the legacy format).
+TORCH_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
+
+def _unpickler_detail(exc: BaseException) -> str:
+    """The cause inside torch's weights-only error text (not its advice to load unsafely)."""
+    text = str(exc)
+    found = re.search(r"WeightsUnpickler error: (.+)", text)
+    line = found.group(1) if found else text.strip().splitlines()[0] if text.strip() else ""
+    return line[:200] or type(exc).__name__
+
+
 def read_torch_file(path: str | Path) -> dict[str, Any]:
     """``torch.load(path, weights_only=True)`` of a dict; :class:`CheckpointError` naming the
-    file otherwise (missing, not a torch file, pickled Python objects)."""
+    file otherwise: missing, not a torch file (judged by its first bytes), truncated or damaged,
+    or holding pickled Python objects (never run)."""
     import torch
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(path, "file not found")
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot read the file: {exc}")
+    if not head:
+        raise CheckpointError(path, "the file is empty (0 bytes): not a torch file")
+    if not head.startswith(TORCH_MAGIC):
+        raise CheckpointError(
+            path, f"not a torch file (it starts with {head!r}; torch files are zip archives)"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -53,10 +79,12 @@ def read_torch_file(path: str | Path) -> dict[str, Any]:
                 "refused: the file does not load with torch.load(weights_only=True) (it holds "
                 f"the Python object {found.group(1)})",
             )
-        raise CheckpointError(path, f"not a torch file ({str(exc)[:200]})")
-    except Exception as exc:  # torch raises many types for a file that is not a torch archive
+        raise CheckpointError(path, f"not a readable torch file ({_unpickler_detail(exc)})")
+    except Exception as exc:  # torch raises many types for a damaged or truncated archive
         raise CheckpointError(
-            path, f"not a readable torch file ({type(exc).__name__}: {str(exc)[:200]})"
+            path,
+            "not a readable torch file, truncated or damaged "
+            f"({type(exc).__name__}: {_unpickler_detail(exc)})",
         )
     if not isinstance(obj, Mapping):
         raise CheckpointError(path, f"expected a dict, found {type(obj).__name__}")
@@ -145,9 +173,13 @@ def load_checkpoint(
             path, f"unknown architecture {arch!r}; this wsiscan knows {sorted(ARCHITECTURES)}"
         )
     try:
+        width = SETTINGS["model.width"].check(config["width"])
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(path, f"invalid model width {config.get('width')!r} ({exc})")
+    try:
         kwargs = {
             "arch": arch,
-            "width": float(config["width"]),
+            "width": width,
             "batchnorm": bool(config["batchnorm"]),
             "dropout": float(config.get("dropout", 0.0)),
         }

@@ -389,7 +389,8 @@ def trained_cohort(tmp_path_factory) -> Path:
     rows = [
         "tt\tdata/demo/tt.tif\tdata/demo/tt.xml\ttumor\ttrain",
         "tn\tdata/demo/tn.tif\t\tnormal\ttrain",
-        "st\tdata/demo/st.tif\tdata/demo/st.xml\ttumor\ttest",
+        # s1: a micrometastasis (334 um) at this size, so FROC is defined (st has only an ITC)
+        "s1\tdata/demo/s1.tif\tdata/demo/s1.xml\ttumor\ttest",
         "sn\tdata/demo/sn.tif\t\tnormal\ttest",
         "nompp\tslides/nompp.tif\t\tunknown\ttest",
     ]
@@ -422,12 +423,8 @@ def test_runtime_settings_never_rerun_a_job(trained_cohort: Path):
         proc = run_snakemake(root, "--cores", "2", "--dry-run")
         out = proc.stdout + proc.stderr
         assert "Nothing to be done" in out, f"run-time edits re-ran jobs:\n{out[-3000:]}"
-        # one at a time as well: none of them alone re-runs a job
-        for key in RUNTIME_KEYS:
-            (root / "config" / "config.yaml").write_text(original)
-            _edit(root, key, _runtime_value(key, config_value(config, key)))
-            out = run_snakemake(root, "--cores", "2", "--dry-run")
-            assert "Nothing to be done" in out.stdout + out.stderr, key
+        # (one dry run covers each key alone too: an edit that re-ran a job alone would show as a
+        # changed param, code or input in the run with every edit)
         # a result setting does re-run its stage (the trigger still works)
         (root / "config" / "config.yaml").write_text(original)
         _edit(root, "train.mine.threshold", 0.6)

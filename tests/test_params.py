@@ -10,9 +10,7 @@ import math
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
-import tifffile
 import yaml
 
 from wsiscan import dag
@@ -31,7 +29,7 @@ from wsiscan.params import (
     option_name,
 )
 
-from .conftest import REPO, run_snakemake
+from .conftest import REPO, run_snakemake, write_tiff
 
 RULES = REPO / "workflow" / "rules"
 
@@ -301,26 +299,6 @@ def test_model_file():
     assert dag.model_file(config) == "trained.pt"
 
 
-def write_tiff(path: Path, mpp: float | None) -> Path:
-    """A two-level pyramidal JPEG TIFF, with resolution tags only when ``mpp`` is given."""
-    rng = np.random.default_rng(0)
-    rgb = rng.integers(150, 250, (512, 512, 3), dtype=np.uint8)
-    with tifffile.TiffWriter(path) as tw:
-        for k, f in enumerate((1, 2)):
-            extra = {}
-            if mpp is not None:
-                extra = {"resolution": (1e4 / (mpp * f),) * 2, "resolutionunit": "CENTIMETER"}
-            tw.write(
-                np.ascontiguousarray(rgb[::f, ::f]),
-                tile=(256, 256),
-                photometric="rgb",
-                compression="jpeg",
-                subfiletype=1 if k else 0,
-                **extra,
-            )
-    return path
-
-
 def test_mpp_fallback_goes_only_to_slides_without_a_resolution(tmp_path: Path):
     config = demo_config()
     with_mpp, without = write_tiff(tmp_path / "a.tif", 0.5), write_tiff(tmp_path / "b.tif", None)
@@ -351,8 +329,6 @@ def test_train_round_record_has_the_model_and_augment_keys():
 
 
 # -- the DAG: run-time settings never re-run a job -------------------------------------------------
-HEADER = "slide_id\tpath\tannotation\tlabel\tsplit\n"
-
 #: Every run-time key.
 RUNTIME_KEYS = [key for key, spec in SETTINGS.items() if spec.runtime]
 
@@ -364,41 +340,6 @@ def _runtime_value(key: str, current):
     if spec.pattern:
         return "cpu" if current != "cpu" else "auto"
     return current + 1
-
-
-@pytest.fixture(scope="module")
-def trained_cohort(tmp_path_factory) -> Path:
-    """A tiny cohort run to the end with two training rounds: demo slides for training and test,
-    plus a real slide file without a resolution (it needs slide.mpp_fallback)."""
-    root = tmp_path_factory.mktemp("trained")
-    (root / "config").mkdir()
-    (root / "slides").mkdir()
-    write_tiff(root / "slides" / "nompp.tif", None)
-    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    cfg["demo"].update(width_px=2500, height_px=2000)
-    cfg["scan"]["n"] = 8
-    cfg["slide"]["mpp_fallback"] = 0.5
-    cfg["infer"].update(workers=0, batch_size=4, device="cpu")
-    cfg["evaluate"].update(bootstrap=20, every_round=True)
-    cfg["train"].update(
-        rounds=2, n_patches=200, epochs=1, finetune_epochs=1, patches_per_epoch=32,
-        batch_size=16, val_patches=16, workers=0, threads=1, device="cpu", warmup_steps=1,
-    )  # fmt: skip
-    cfg["train"]["mine"].update(block_fraction=0.5, workers=0, batch_size=4)
-    (root / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    rows = [
-        "tt\tdata/demo/tt.tif\tdata/demo/tt.xml\ttumor\ttrain",
-        "tn\tdata/demo/tn.tif\t\tnormal\ttrain",
-        # s1: a micrometastasis (334 um) at this size, so FROC is defined (st has only an ITC)
-        "s1\tdata/demo/s1.tif\tdata/demo/s1.xml\ttumor\ttest",
-        "sn\tdata/demo/sn.tif\t\tnormal\ttest",
-        "nompp\tslides/nompp.tif\t\tunknown\ttest",
-    ]
-    (root / "config" / "slides.tsv").write_text(HEADER + "".join(r + "\n" for r in rows))
-    run_snakemake(root, "--cores", "2")
-    assert (root / "results" / "cohort" / "metrics.json").is_file()
-    assert (root / "results" / "train" / "round2" / "model.pt").is_file()
-    return root
 
 
 def _edit(root: Path, key: str, value) -> None:

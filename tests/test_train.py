@@ -647,36 +647,6 @@ def test_geometry_helpers_agree_with_the_grid():
 
 
 # -- the training stages through Snakemake (slow) --------------------------------------------------
-def tiny_training_config(workdir: Path, rounds: int) -> None:
-    """A small demo config: three synthetic training slides, a slim model, seconds per round."""
-    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    cfg["samples"] = "config/slides.tsv"
-    cfg["demo"].update(width_px=2500, height_px=2000)
-    cfg["scan"]["n"] = 8
-    cfg["model"]["width"] = SLIM
-    cfg["train"].update(
-        rounds=rounds,
-        n_patches=120,
-        epochs=1,
-        finetune_epochs=1,
-        patches_per_epoch=8,
-        batch_size=4,
-        val_patches=4,
-        val_fraction=0.0,
-        workers=1,
-        device="cpu",
-    )
-    cfg["train"]["mine"].update(threshold=0.0, max_per_slide=10, max_per_round=20, workers=0)
-    (workdir / "config").mkdir(parents=True, exist_ok=True)
-    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    rows = [
-        "tr_t1\tdata/demo/tr_t1.tif\tdata/demo/tr_t1.xml\ttumor\ttrain",
-        "tr_n1\tdata/demo/tr_n1.tif\t\tnormal\ttrain",
-        "te_n1\tdata/demo/te_n1.tif\t\tnormal\ttest",
-    ]
-    (workdir / "config" / "slides.tsv").write_text(SHEET.splitlines()[0] + "\n" + "\n".join(rows))
-
-
 def job_counts(output: str) -> dict[str, int]:
     match = re.search(r"Job stats:\n.*?\n-+\s+-+\n(.*?)\ntotal\s+\d+", output, re.S)
     assert match, output
@@ -684,27 +654,34 @@ def job_counts(output: str) -> dict[str, int]:
 
 
 @pytest.mark.slow
-def test_rounds_run_and_raising_rounds_reruns_only_new_stages(tmp_path):
-    tiny_training_config(tmp_path, rounds=2)
-    targets = ["results/train/round2/model.pt"]
-    proc = run_snakemake(tmp_path, "--cores", "2", *targets)
-    counts = job_counts(proc.stderr)
+def test_rounds_run_and_raising_rounds_reruns_only_new_stages(trained_cohort: Path):
+    """Two rounds through Snakemake (the shared trained cohort): round 2 fine-tunes round 1 with
+    round 1's hard negatives; raising train.rounds to 3 plans only round 2's mining and round 3."""
+    root = trained_cohort
+    counts = job_counts((root / "first_run.log").read_text())
     assert counts["train_round"] == 2 and counts["mine_negatives"] == 1, counts
-    round2 = json.loads((tmp_path / "results/train/round2/metrics.json").read_text())
-    assert round2["init"].startswith("finetune:") and round2["n_train_hard_negative"] == 20
-    hard = read_patch_table(tmp_path / "results/train/round1/hard_negatives.h5")
-    assert len(hard) == 20 and hard.attrs["round"] == 1
+    round2 = json.loads((root / "results/train/round2/metrics.json").read_text())
+    hard = read_patch_table(root / "results/train/round1/hard_negatives.h5")
+    assert round2["init"].startswith("finetune:") and hard.attrs["round"] == 1
+    assert round2["n_train_hard_negative"] == len(hard)
     logs = ("train_patches/patches.log", "train_round/round1.log", "mine_negatives/round1.log")
     for rel in logs:
-        assert (tmp_path / "results" / "logs" / rel).stat().st_size > 0
-    assert not (tmp_path / "results/train/round1/checkpoint.pt").exists()
+        assert (root / "results" / "logs" / rel).stat().st_size > 0
+    assert not (root / "results/train/round1/checkpoint.pt").exists()
 
     # rounds 2 -> 3: only round 2's mining and round 3 are new; earlier rounds stay up to date
-    tiny_training_config(tmp_path, rounds=3)
-    dry = run_snakemake(tmp_path, "--cores", "2", "-n", "results/train/round3/model.pt")
-    assert job_counts(dry.stdout + dry.stderr) == {"mine_negatives": 1, "train_round": 1}
-    assert "round=2" in dry.stdout and "results/train/round2/hard_negatives.h5" in dry.stdout
-    dry = run_snakemake(tmp_path, "--cores", "2", "-n", *targets)
+    path = root / "config" / "config.yaml"
+    original = path.read_text()
+    try:
+        cfg = yaml.safe_load(original)
+        cfg["train"]["rounds"] = 3
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        dry = run_snakemake(root, "--cores", "2", "-n", "results/train/round3/model.pt")
+        assert job_counts(dry.stdout + dry.stderr) == {"mine_negatives": 1, "train_round": 1}
+        assert "round=2" in dry.stdout and "results/train/round2/hard_negatives.h5" in dry.stdout
+    finally:
+        path.write_text(original)
+    dry = run_snakemake(root, "--cores", "2", "-n", "results/train/round2/model.pt")
     assert "Nothing to be done" in dry.stdout + dry.stderr
 
 

@@ -120,7 +120,7 @@ STAGES: dict[str, Stage] = {
             Arg("out_tiles", "tiles.h5 to write"),
         )),
         Stage("stitch", "stitch", "Dense tiles into the slide probability map: probmap.h5.", (
-            Arg("slide", "whole-slide image (for the QC thumbnail)"),
+            Arg("slide", "whole-slide image (for the QC thumbnail of --out-qc)", optional=True),
             Arg("tiles", "tiles.h5 of the infer stage"),
             Arg("mask", "tissue.png of the tissue_mask stage (confines the map to tissue)",
                 optional=True),

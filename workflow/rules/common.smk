@@ -260,6 +260,11 @@ def slide_annotation(wildcards):
     return [annotation] if annotation else []
 
 
+def annotation_args(wildcards, input):
+    """``--annotation`` of detect when the slide has an annotation (the QC picture outlines it)."""
+    return ["--annotation", input.annotation] if input.annotation else []
+
+
 # -- every round evaluated (rounds.smk) ------------------------------------------------------------
 def earlier_rounds():
     """The training rounds before the last whose models are evaluated too (evaluate.every_round)."""

@@ -35,6 +35,7 @@ rule detect:
     params:
         settings=settings("detect"),
         runtime=runtime("detect"),
+        annotation=annotation_args,
     shell:
         wsiscan(
             "detect --slide-id {wildcards.slide:q} --probmap {input.probmap:q}"
@@ -42,7 +43,7 @@ rule detect:
             " --out-geojson {output.geojson:q} --out-xml {output.xml:q}"
             " --out-outlines {output.outlines:q} --out-overlay {output.overlay:q}"
             " --out-qc {output.qc:q} --slide {input.slide:q} --mask {input.mask:q}"
-            " --annotation {input.annotation:q}"
+            " {params.annotation:q}"
             " {params.settings:q} {params.runtime:q} > {log:q} 2>&1",
             failure_record="lesions",
         )

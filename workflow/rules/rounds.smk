@@ -56,6 +56,7 @@ use rule detect as detect_round with:
     params:
         settings=settings("detect"),
         runtime=runtime("detect"),
+        annotation=annotation_args,
 
 
 use rule evaluate as evaluate_round with:

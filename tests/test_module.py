@@ -80,6 +80,7 @@ def test_workflow_runs_as_a_module_of_another_workflow(tmp_path: Path):
         "tissue_mask": 2,
         "roi_grid": 2,
         "init_model": 1,
+        "check_model": 1,
         "infer": 2,
         "stitch": 2,
         "detect": 2,

@@ -113,6 +113,15 @@ def test_qc_picture_and_scale_bar(tmp_path):
 
     img = imread(png)
     assert img.ndim == 3 and min(img.shape[:2]) > 300
+    # below the threshold the map is transparent: a map of 0.3 draws what a map of 0 draws
+    # (below the title, which gives the score)
+    pictures = []
+    for p in (0.0, 0.3):
+        pm = write_probmap(tmp_path / f"p{p}.h5", np.full((60, 120), p, np.float32), mpp=MPP)
+        detect(pm, *out, DetectParams(), slide_id="s1", out_qc=tmp_path / f"qc{p}.png")
+        pictures.append(imread(tmp_path / f"qc{p}.png"))
+    top = pictures[0].shape[0] // 5
+    np.testing.assert_array_equal(pictures[0][top:], pictures[1][top:])
 
 
 def test_froc_plot_shows_a_curve_on_the_top_border():

@@ -122,6 +122,9 @@ def test_qc_picture_and_scale_bar(tmp_path):
         pictures.append(imread(tmp_path / f"qc{p}.png"))
     top = pictures[0].shape[0] // 5
     np.testing.assert_array_equal(pictures[0][top:], pictures[1][top:])
+    blank, lesions = pictures[0][top:, : img.shape[1] * 4 // 5], img[top:, : img.shape[1] * 4 // 5]
+    assert np.ptp(blank[..., :3], axis=2).max() == 0  # grey only, left of the colour bar
+    assert np.ptp(lesions[..., :3], axis=2).max() > 0.3  # the lesions in colour
 
 
 def test_froc_plot_shows_a_curve_on_the_top_border():

@@ -440,8 +440,9 @@ def read_geojson(path: str | Path, slide_id: str | None = None) -> list[Annotati
     (QuPath; ``names`` joined by ``": "``, or a plain string), ``""`` when unclassified; the name is
     ``properties.name``, else the feature's ``id``, else ``Feature <k>``. Features without an area
     (points, lines: one warning per kind) or without a geometry, and rings of fewer than 3
-    distinct vertices, are skipped with a warning. Malformed JSON or GeoJSON structure, ``NaN``/``Infinity`` and non-numeric or
-    non-finite coordinates raise :class:`SlideError` naming the feature.
+    distinct vertices, are skipped with a warning. Malformed JSON or GeoJSON structure,
+    ``NaN``/``Infinity`` and non-numeric or non-finite coordinates raise :class:`SlideError`
+    naming the feature.
     """
     path = Path(path)
     try:

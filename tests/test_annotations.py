@@ -292,7 +292,7 @@ def test_geojson_polygons_multipolygons_holes_and_classes(tmp_path: Path, caplog
     assert anns[0].name == "ring" and anns[1].name == "Feature 1 part 0"
     np.testing.assert_array_equal(anns[0].level0_xy, outer)  # closing position dropped
     assert len(anns[0].holes) == 1 and np.array_equal(anns[0].holes[0], hole)
-    assert "Point, not an area" in caplog.text and "LineString" in caplog.text
+    assert "Point feature(s) are not areas" in caplog.text and "LineString" in caplog.text
     assert "no geometry" in caplog.text and "fewer than 3 distinct" in caplog.text
     # the hole belongs to its polygon only: another tumour polygon inside it stays
     inner = Annotation("inner", "Tumor", _square(20, 20, 28, 28))

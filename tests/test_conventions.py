@@ -95,7 +95,9 @@ def test_conda_environment_lists_pyprojects_dependencies():
 
 # -- the READMEs against the files -----------------------------------------------------------------
 #: Paths the READMEs name that the user or the workflow writes (no repository file).
-WRITTEN_LATER = {"config/my.yaml", "config/camelyon16_slides.tsv"}
+WRITTEN_LATER = {
+    "config/my.yaml", "config/camelyon16_slides.tsv", "config/new_cohort.tsv", "config/new_cohort.yaml"
+}  # fmt: skip
 GENERATED_PREFIXES = ("results/", "data/", ".snakemake/", "benchmarks/results/")
 
 

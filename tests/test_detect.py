@@ -237,11 +237,15 @@ def test_detect_slide_writes_all_outputs(tmp_path, method):
     assert score["wsiscan_version"] == __version__
     assert score["method"] == method and score["nms_radius_um"] == 100.0
     gj = json.loads(out["geojson"].read_text())
-    feats = gj.get("features", gj)
-    assert len(feats) == 2
-    props = [f["properties"] for f in feats]
-    assert any(p.get("max_probability") == pytest.approx(0.97) for p in props)
-    assert all("area_um2" in p for p in props)
+    feats = gj["features"]
+    regions = [f for f in feats if f["geometry"]["type"] == "Polygon"]
+    points = [f for f in feats if f["geometry"]["type"] == "Point"]
+    assert len(regions) == 2 and len(points) == len(df)
+    measured = [f["properties"]["measurements"] for f in regions]
+    assert measured[0]["Max probability"] == pytest.approx(0.97)
+    assert all("Area µm^2" in m and "Longest diameter µm" in m for m in measured)
+    assert [p["geometry"]["coordinates"] for p in points] == df[["x", "y"]].values.tolist()
+    assert len(score["regions"]) == 2 and score["regions"][0]["category"] == "itc"
     anns = read_asap_xml(out["xml"])
     assert len(anns) == 2
     assert {a.group for a in anns} == {"_0"}
@@ -290,8 +294,8 @@ def test_cli_detect(tmp_path, capsys):
 
 def test_lesions_geojson_read_back_rasterises_to_the_lesion_mask(tmp_path):
     """detect's lesions.geojson, read as an annotation (QuPath GeoJSON) and rasterised at the
-    map's stride, is the map's lesion mask (with each region's holes filled, as the export
-    outlines them): blobs, L shapes, diagonal neighbours, single cells, a ring, random masks."""
+    map's stride, is the map's lesion mask, holes included: blobs, L shapes, diagonal neighbours,
+    single cells, a ring, islands in holes, random masks."""
     from scipy import ndimage
 
     from wsiscan.annotations import rasterize, read_slide_annotations
@@ -299,8 +303,9 @@ def test_lesions_geojson_read_back_rasterises_to_the_lesion_mask(tmp_path):
     rng = np.random.default_rng(4)
     mask = ndimage.binary_opening(rng.random((60, 80)) < 0.55)
     mask[:, 38:42] = False
-    mask[2:12, 40:60] = True  # a ring: its hole is filled by the export
+    mask[2:12, 40:60] = True  # a ring: its hole is a hole of the exported polygon
     mask[5:9, 45:55] = False
+    mask[6:8, 48:50] = True  # an island in the hole
     mask[20, 40], mask[21, 41], mask[22, 40] = True, True, True  # diagonal neighbours
     mask[30:34, 40], mask[33, 40:44] = True, True  # an L
     mask[40, 50] = True  # one cell
@@ -313,4 +318,4 @@ def test_lesions_geojson_read_back_rasterises_to_the_lesion_mask(tmp_path):
     anns = read_slide_annotations(out[2], wh, slide_id="s1", tumour_slide=True)
     assert {a.group for a in anns} == {"Tumor"}
     back = rasterize(anns, mask.shape, stride)
-    np.testing.assert_array_equal(back, ndimage.binary_fill_holes(mask))
+    np.testing.assert_array_equal(back, mask)

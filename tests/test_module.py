@@ -85,6 +85,7 @@ def test_workflow_runs_as_a_module_of_another_workflow(tmp_path: Path):
         "stitch": 2,
         "detect": 2,
         "evaluate": 1,
+        "summarise": 1,
         "all": 1,
     }
 

@@ -121,7 +121,9 @@ def repaired_cohort(broken_cohort: Path, tmp_path_factory) -> tuple[Path, dict, 
     root = fresh_copy(broken_cohort, tmp_path_factory.mktemp("repaired") / "cohort")
     before = mtimes(root)
     shutil.copyfile(DATA / "cmu_small_region.svs", root / "slides" / f"{BROKEN}.svs")
-    target = [f"results/{BROKEN}/lesions.csv", "results/cohort/metrics.json"]
+    target = [
+        f"results/{BROKEN}/lesions.csv", "results/cohort/metrics.json", "results/cohort/summary.tsv"
+    ]  # fmt: skip
     proc = run_snakemake(root, "--cores", "2", *target)
     return root, before, proc.stderr
 
@@ -129,8 +131,9 @@ def repaired_cohort(broken_cohort: Path, tmp_path_factory) -> tuple[Path, dict, 
 def test_rerun_one_failed_slide(repaired_cohort: tuple[Path, dict, str]):
     root, before, log = repaired_cohort
     assert job_stats(log) == Counter(
-        {"tissue_mask": 1, "roi_grid": 1, "infer": 1, "stitch": 1, "detect": 1, "evaluate": 1}
-    )
+        {"tissue_mask": 1, "roi_grid": 1, "infer": 1, "stitch": 1, "detect": 1, "evaluate": 1,
+         "summarise": 1}
+    )  # fmt: skip
     for rel in ("lesions.csv", "score.json", "probmap.h5", "tiles.h5", "rois.h5", "tissue.png"):
         assert (root / "results" / BROKEN / rel).is_file()
     assert (root / "results" / "cohort" / "metrics.json").is_file()
@@ -142,6 +145,46 @@ def test_rerun_one_failed_slide(repaired_cohort: tuple[Path, dict, str]):
     # the cohort is now complete: nothing left to do
     proc = run_snakemake(root, "--cores", "2", "--dry-run")
     assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_summary_lists_a_failed_slide_with_its_stage_and_cause(broken_cohort: Path, tmp_path: Path):
+    """After the run in which slide ``bad`` failed, the summary lists the others and ``bad`` as
+    failed in tissue_mask, with the cause of its failure record."""
+    import pandas as pd
+
+    root = fresh_copy(broken_cohort, tmp_path / "cohort")
+    run_snakemake(root, "--cores", "1", "results/cohort/summary.tsv")
+    table = pd.read_csv(root / "results" / "cohort" / "summary.tsv", sep="\t", dtype=str,
+                        keep_default_na=False).set_index("slide_id")  # fmt: skip
+    assert table["status"].to_dict() == {"t1": "ok", "n1": "ok", BROKEN: "failed"}
+    assert table.loc[BROKEN, "failed_stage"] == "tissue_mask"
+    assert BROKEN in table.loc[BROKEN, "failure_cause"]
+    assert {table.loc[s, "call"] for s in ("t1", "n1")} <= {"positive", "negative"}
+    assert "detected_lesions" in table.columns and "n_lesions" not in table.columns
+
+
+def test_report_holds_the_summary_and_describes_the_workflow(
+    repaired_cohort: tuple[Path, dict, str],
+):
+    """report.zip: the workflow description, the summary, metrics.json and slides.csv as items,
+    and no internal path (the failure record) among the job parameters."""
+    import zipfile
+
+    root = repaired_cohort[0]
+    metrics = (root / "results" / "cohort" / "metrics.json").read_text()
+    assert '"operating_threshold"' in metrics
+    run_snakemake(root, "--cores", "1", "--report", "report.zip")
+    with zipfile.ZipFile(root / "report.zip") as zf:
+        names = zf.namelist()
+        text = "\n".join(
+            zf.read(n).decode("utf-8", "replace")
+            for n in names
+            if n.endswith((".html", ".js", ".json", ".rst"))
+        )
+    for item in ("summary.tsv", "patients.tsv", "metrics.json", "slides.csv", "heatmap.png"):
+        assert any(n.endswith(item) for n in names), item
+    assert "the table to read first" in text  # workflow/report/workflow.rst
+    assert "failure_record" not in text and "results_dir" not in text
 
 
 def test_config_edit_reruns_the_stage_and_downstream_only(
@@ -156,12 +199,12 @@ def test_config_edit_reruns_the_stage_and_downstream_only(
     dry = run_snakemake(root, "--cores", "2", "--dry-run")
     assert "Params have changed" in dry.stdout + dry.stderr
     proc = run_snakemake(root, "--cores", "2")
-    assert job_stats(proc.stderr) == Counter({"detect": 3, "evaluate": 1, "all": 1})
+    assert job_stats(proc.stderr) == Counter({"detect": 3, "evaluate": 1, "summarise": 1, "all": 1})
     after = mtimes(root)
     for sid in slides:
-        for rel in ("lesions.csv", "score.json"):
+        for rel in ("lesions.csv", "score.json", "qc/heatmap.png", "probmap.tif"):
             assert after[f"results/{sid}/{rel}"] > before[f"results/{sid}/{rel}"]
-        for rel in ("probmap.h5", "tiles.h5", "rois.h5", "tissue.png", "qc/heatmap.png"):
+        for rel in ("probmap.h5", "tiles.h5", "rois.h5", "tissue.png"):
             assert after[f"results/{sid}/{rel}"] == before[f"results/{sid}/{rel}"], rel
     assert after["results/cohort/metrics.json"] > before["results/cohort/metrics.json"]
     assert after["results/model/init.pt"] == before["results/model/init.pt"]
@@ -172,7 +215,9 @@ def test_config_edit_reruns_the_stage_and_downstream_only(
     before = after
     set_config(root, "stitch", "closing_radius_um", 40.0)
     proc = run_snakemake(root, "--cores", "2")
-    assert job_stats(proc.stderr) == Counter({"stitch": 3, "detect": 3, "evaluate": 1, "all": 1})
+    assert job_stats(proc.stderr) == Counter(
+        {"stitch": 3, "detect": 3, "evaluate": 1, "summarise": 1, "all": 1}
+    )
     after = mtimes(root)
     for sid in slides:
         assert after[f"results/{sid}/probmap.h5"] > before[f"results/{sid}/probmap.h5"]

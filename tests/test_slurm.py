@@ -204,8 +204,8 @@ def test_dry_run_dag_of_1000_slides(tmp_path: Path):
     workdir = make_cohort(tmp_path, N_DAG_SLIDES)  # half tumour; train.rounds 0
     per_slide = ("tissue_mask", "roi_grid", "infer", "stitch", "detect")
     expected = {rule: N_DAG_SLIDES for rule in per_slide}
-    expected.update(init_model=1, check_model=1, evaluate=1, all=1)
-    expected["total"] = 5 * N_DAG_SLIDES + 4
+    expected.update(init_model=1, check_model=1, evaluate=1, summarise=1, all=1)
+    expected["total"] = 5 * N_DAG_SLIDES + 5
     proc = run_snakemake(
         workdir, "--dry-run", "--cores", "1", "--quiet", "rules", "--profile", str(PROFILE)
     )

@@ -439,9 +439,10 @@ def read_geojson(path: str | Path, slide_id: str | None = None) -> list[Annotati
     each part of a ``MultiPolygon`` one more; the group is ``properties.classification.name``
     (QuPath; ``names`` joined by ``": "``, or a plain string), ``""`` when unclassified; the name is
     ``properties.name``, else the feature's ``id``, else ``Feature <k>``. Features without an area
-    (points, lines) or without a geometry, and rings of fewer than 3 distinct vertices, are skipped
-    with a warning. Malformed JSON or GeoJSON structure, ``NaN``/``Infinity`` and non-numeric or
-    non-finite coordinates raise :class:`SlideError` naming the feature.
+    (points, lines: one warning per kind) or without a geometry, and rings of fewer than 3
+    distinct vertices, are skipped with a warning. Malformed JSON or GeoJSON structure,
+    ``NaN``/``Infinity`` and non-numeric or non-finite coordinates raise :class:`SlideError`
+    naming the feature.
     """
     path = Path(path)
     try:
@@ -519,6 +520,7 @@ def _geojson_ring(ring: Any, where: str) -> np.ndarray | None:
 
 def _geojson_annotations(doc: Any, path: Path) -> list[Annotation]:
     annotations: list[Annotation] = []
+    not_areas: dict[str, list[str]] = {}
     for k, feat in enumerate(_geojson_features(doc)):
         if not isinstance(feat, dict) or feat.get("type") != "Feature":
             raise _GeoJSONError(f"feature {k} is not a GeoJSON Feature")
@@ -536,7 +538,7 @@ def _geojson_annotations(doc: Any, path: Path) -> list[Annotation]:
             raise _GeoJSONError(f"{where}: geometry must be an object with a type")
         kind, coords = geom["type"], geom.get("coordinates")
         if kind in _NOT_AREAS:
-            log.warning("%s: %s is a %s, not an area: skipped", path, where, kind)
+            not_areas.setdefault(kind, []).append(name)
             continue
         if kind == "Polygon":
             parts = [coords]
@@ -563,6 +565,11 @@ def _geojson_annotations(doc: Any, path: Path) -> list[Annotation]:
                     holes=tuple(h for h in holes if h is not None),
                 )
             )
+    for kind, names in not_areas.items():  # one line per kind (detect's exports hold many points)
+        log.warning(
+            "%s: %d %s feature(s) are not areas: skipped (%s)",
+            path, len(names), kind, ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else ""),
+        )  # fmt: skip
     return annotations
 
 

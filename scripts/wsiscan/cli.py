@@ -120,20 +120,42 @@ STAGES: dict[str, Stage] = {
             Arg("out_tiles", "tiles.h5 to write"),
         )),
         Stage("stitch", "stitch", "Dense tiles into the slide probability map: probmap.h5.", (
-            Arg("slide", "whole-slide image (for the QC thumbnail)"),
+            Arg("slide", "whole-slide image (for the QC thumbnail of --out-qc)", optional=True),
             Arg("tiles", "tiles.h5 of the infer stage"),
             Arg("mask", "tissue.png of the tissue_mask stage (confines the map to tissue)",
                 optional=True),
             Arg("out_probmap", "probmap.h5 to write"),
-            Arg("out_qc", "QC heat map PNG to write"),
+            Arg("out_qc", "QC heat map PNG to write (the workflow draws its QC picture in "
+                "detect)", optional=True),
         )),
         Stage("detect", "detect", "Lesion points, slide score and region exports of a map.", (
             Arg("probmap", "probmap.h5 of the stitch stage"),
             Arg("out_lesions", "lesions.csv to write (confidence,x,y at level 0)"),
             Arg("out_score", "score.json to write"),
-            Arg("out_geojson", "regions as QuPath GeoJSON to write"),
+            Arg("out_geojson", "regions and lesion candidates as QuPath GeoJSON to write"),
             Arg("out_xml", "regions as ASAP XML to write"),
+            Arg("out_outlines", "outlines of the map at detect.outline_levels (QuPath GeoJSON) "
+                "to write", optional=True),
+            Arg("out_overlay", "the map as a pyramidal TIFF for slide viewers to write",
+                optional=True),
+            Arg("out_qc", "QC picture to write (needs --slide)", optional=True),
+            Arg("slide", "whole-slide image (the QC thumbnail)", optional=True),
+            Arg("mask", "tissue.png (the confinement outline of the QC picture)", optional=True),
+            Arg("annotation", "ground-truth annotation (outlined in the QC picture)",
+                optional=True),
         )),
+        Stage("summarise", "summarise", "The cohort summary for the pathologist: summary.tsv, "
+              "patients.tsv, staging.json.", (
+            Arg("sheet", "sample sheet (slides.tsv)"),
+            Arg("results_dir", "folder of the <slide_id>/ results"),
+            Arg("out_summary", "summary.tsv to write"),
+            Arg("out_patients", "patients.tsv to write"),
+            Arg("out_staging", "staging.json to write"),
+            Arg("truth", "true categories and pN stages, CSV in the Camelyon17 layout",
+                optional=True),
+            Arg("failed", "slides to list as failed (default: those whose FAILED.json is newer "
+                "than their files)", many=True, optional=True, type=str),
+        ), per_slide=False),
         Stage("evaluate", "evaluate", "Camelyon16 FROC and slide AUC of a cohort.", (
             Arg("sheet", "sample sheet (slides.tsv)"),
             Arg("model", "checkpoint that scored the slides (its SHA-256 is recorded)",
@@ -246,12 +268,23 @@ def run_stage(stage: Stage, args: argparse.Namespace) -> Any:
 # -- tools (not stages) ----------------------------------------------------------------------------
 def _add_tools(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "sheet", help="Build the sample sheet (slides.tsv) of a Camelyon16 download."
+        "sheet",
+        help="Build the sample sheet (slides.tsv) of a Camelyon16 download (--root) or of a "
+        "folder of slides of a new cohort, labels unknown (--folder).",
     )
-    p.add_argument("--root", type=Path, required=True, help="folder holding training/, testing/")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--root", type=Path, help="Camelyon16 folder holding training/, testing/")
+    where.add_argument("--folder", type=Path, help="folder of slide files (svs, tif, ndpi, mrxs, "
+                       "...): one row each, label unknown, no annotation")  # fmt: skip
     p.add_argument("--out", type=Path, required=True, help="slides.tsv to write")
-    p.add_argument("--reference", type=Path, default=None, help="test labels CSV (default: "
-                   "<root>/testing/reference.csv)")  # fmt: skip
+    p.add_argument("--reference", type=Path, default=None, help="--root: test labels CSV "
+                   "(default: <root>/testing/reference.csv)")  # fmt: skip
+    p.add_argument("--split", choices=("train", "test"), default="test", help="--folder: the "
+                   "split of every slide (default test, the one evaluate.split scans)")  # fmt: skip
+    p.add_argument("--patient-pattern", default=None, help="--folder: regular expression whose "
+                   "first group in a file name is its patient (a patient column for pN stages), "
+                   "e.g. '(patient_[0-9]+)'")  # fmt: skip
+    p.add_argument("--recursive", action="store_true", help="--folder: its sub-folders too")
     p.set_defaults(run=_run_sheet)
 
     p = sub.add_parser(
@@ -278,8 +311,15 @@ def _add_tools(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_sheet(a: argparse.Namespace) -> object:
-    from .sheet import build_camelyon16_sheet
+    from .sheet import build_camelyon16_sheet, build_folder_sheet
 
+    if a.folder is not None:
+        df = build_folder_sheet(
+            a.folder, a.out, split=a.split, patient_pattern=a.patient_pattern,
+            recursive=a.recursive,
+        )  # fmt: skip
+        print(f"wrote {a.out}: {len(df)} slides, label unknown, split {a.split}")
+        return df
     return build_camelyon16_sheet(a.root, a.out, reference_csv=a.reference)
 
 

@@ -14,7 +14,11 @@ Two ways to turn the map into lesion points (config ``detect.method``):
 * ``components``: one point per 8-connected component of the stitch stage's cleaned lesion mask, at
   the component's maximum probability.
 
-Region exports (QuPath GeoJSON and ASAP XML) outline the components of the cleaned lesion mask.
+Region exports (QuPath GeoJSON and ASAP XML) outline the components of the cleaned lesion mask,
+holes included, with each region's area, longest diameter and size category (AJCC/Camelyon17,
+:mod:`wsiscan.staging`); the candidate points are QuPath point annotations. For slide viewers the
+stage also writes the map's outlines at ``detect.outline_levels`` (QuPath GeoJSON) and the map as
+a pyramidal TIFF (:mod:`wsiscan.formats.overlay`), and the QC picture (:mod:`wsiscan.qc`).
 """
 
 from __future__ import annotations
@@ -27,8 +31,17 @@ import numpy as np
 
 from . import __version__
 from .formats.lesions import write_lesions_csv, write_score_json
+from .formats.overlay import write_overlay_tiff
 from .formats.probmap import ProbMap, read_probmap
+from .formats.qupath import (
+    point_feature,
+    polygon_area,
+    polygon_feature,
+    ring_area,
+    write_feature_collection,
+)
 from .params import DetectParams
+from .staging import CATEGORIES, CATEGORY_NAMES, size_category
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +49,10 @@ SCORE_METHODS = ("max",)
 #: ASAP group of exported detections: "_0" is the Camelyon16 tumour group, so ASAP shows the
 #: regions with the usual tumour styling and an edited file can be fed back as ground truth.
 ASAP_DETECTION_GROUP = "_0"
+#: ASAP group of the holes of exported regions: Camelyon16's exclusion group.
+ASAP_EXCLUSION_GROUP = "_2"
+#: The perceptually uniform colour map of the QC picture and of the outline classes.
+QC_COLORMAP = "magma"
 
 
 # -- lesion points ---------------------------------------------------------------------------------
@@ -230,12 +247,36 @@ def slide_score(prob: np.ndarray, method: str = "max") -> float:
 # -- region outlines -------------------------------------------------------------------------------
 @dataclass
 class Region:
-    """One detected region: its outline in level-0 px, max probability and area."""
+    """One detected region (a component of the lesion mask): its outline in level-0 px, its
+    maximum probability, area and longest diameter."""
 
-    polygon_level0_xy: np.ndarray  # (N, 2) float64, closed (first == last)
+    rings_level0_xy: list[np.ndarray]  # exterior first, then holes; each (N, 2) float64, closed
     max_probability: float
-    area_um2: float
+    area_um2: float  # of the polygon: exterior minus holes
     n_cells: int
+    longest_diameter_um: float  # max Feret diameter of the component's cells
+    peak_level0_xy: tuple[int, int]  # centre of the (first) maximum cell
+
+    @property
+    def polygon_level0_xy(self) -> np.ndarray:
+        """The exterior ring."""
+        return self.rings_level0_xy[0]
+
+    @property
+    def category(self) -> str:
+        """Size category of the region alone (:func:`wsiscan.staging.size_category`)."""
+        return size_category(self.longest_diameter_um / 1000.0)
+
+    def record(self) -> dict:
+        """The region as ``score.json`` lists it."""
+        return {
+            "max_probability": round(self.max_probability, 6),
+            "area_um2": round(self.area_um2, 3),
+            "longest_diameter_um": round(self.longest_diameter_um, 3),
+            "category": self.category,
+            "n_cells": self.n_cells,
+            "peak_level0_xy": list(self.peak_level0_xy),
+        }
 
 
 def mask_regions(
@@ -246,84 +287,156 @@ def mask_regions(
     *,
     min_area_um2: float = 0.0,
 ) -> list[Region]:
-    """Outlines of the 8-connected components of ``mask`` as level-0 polygons.
+    """Outlines and sizes of the 8-connected components of ``mask`` (level-0 polygons).
 
-    Each component's holes are filled and its outline traced with ``skimage.measure.find_contours``
-    at 0.5 on the 1-cell-padded component (``fully_connected="high"``, so diagonal neighbours stay
-    one outline); contour coordinates in cell units ``k`` map to level-0 ``(k + 0.5) * stride_px``,
-    i.e. the outline runs along cell borders (cut diagonally at corners). ``area_um2`` is the
-    component's cell count times the cell area. Sorted by max probability, descending.
+    Each component's outline and holes are traced with ``skimage.measure.find_contours`` at 0.5
+    on the 1-cell-padded component (``fully_connected="high"``: diagonal neighbours stay one
+    outline, holes are 4-connected); contour coordinates in cell units ``k`` map to level-0
+    ``(k + 0.5) * stride_px``, i.e. the outline runs along cell borders, cut diagonally at
+    corners. ``area_um2`` is the area of that polygon (exterior minus holes), so a QuPath
+    measurement of the imported polygon agrees with it. The longest diameter is the maximum
+    Feret diameter of the component's cells (``regionprops.feret_diameter_max``: the largest
+    distance between two points of the convex hull of the cells' outline; a row of n cells
+    measures n cells) times the cell side ``stride_px * mpp``: the map's resolution, one cell
+    (``Sd * mpp`` um), bounds its precision. Components with fewer cells than ``min_area_um2``
+    covers are left out. Sorted by max probability, descending.
     """
-    from scipy import ndimage
     from skimage.measure import find_contours, regionprops
 
     labels, n = label_components(mask)
     if n == 0:
         return []
-    cell_um2 = (stride_px * mpp) ** 2
+    cell_um = stride_px * mpp
     min_cells = _min_cells(min_area_um2, stride_px, mpp)
     regions: list[Region] = []
     for rp in regionprops(labels, intensity_image=np.asarray(prob, dtype=np.float64)):
         if rp.area < min_cells:
             continue
-        comp = ndimage.binary_fill_holes(rp.image)
-        padded = np.pad(comp, 1).astype(np.float64)
+        padded = np.pad(rp.image, 1).astype(np.float64)
         contours = find_contours(padded, 0.5, fully_connected="high")
-        outline = max(contours, key=_ring_area)
+        contours.sort(key=lambda c: -abs(ring_area(c)))
         r0, c0 = rp.bbox[0], rp.bbox[1]
-        xy = np.column_stack([outline[:, 1] - 1 + c0, outline[:, 0] - 1 + r0])
-        xy = (xy + 0.5) * stride_px
-        if not np.array_equal(xy[0], xy[-1]):
-            xy = np.vstack([xy, xy[:1]])
+        rings = []
+        for contour in contours:
+            xy = np.column_stack([contour[:, 1] - 1 + c0, contour[:, 0] - 1 + r0])
+            xy = (xy + 0.5) * stride_px
+            if not np.array_equal(xy[0], xy[-1]):
+                xy = np.vstack([xy, xy[:1]])
+            rings.append(xy)
+        local = np.where(rp.image, rp.image_intensity, -np.inf)
+        pi, pj = np.unravel_index(int(np.argmax(local)), local.shape)
+        peak = cells_to_level0_xy(np.array([pi + r0]), np.array([pj + c0]), stride_px)[0]
         regions.append(
             Region(
-                polygon_level0_xy=xy,
+                rings_level0_xy=rings,
                 max_probability=float(rp.intensity_max),
-                area_um2=float(rp.area) * cell_um2,
+                area_um2=polygon_area(rings) * mpp**2,
                 n_cells=int(rp.area),
+                longest_diameter_um=float(rp.feret_diameter_max) * cell_um,
+                peak_level0_xy=(int(peak[0]), int(peak[1])),
             )
         )
     regions.sort(key=lambda r: -r.max_probability)
     return regions
 
 
-def _ring_area(ring: np.ndarray) -> float:
-    """Absolute shoelace area of a ``(N, 2)`` ring."""
-    y, x = ring[:, 0], ring[:, 1]
-    return abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))) / 2
+#: QuPath classes (name, RGB colour) of the exported objects.
+LESION_CLASS = ("Tumor", (200, 0, 0))
+CANDIDATE_CLASS = ("Lesion candidate", (255, 200, 0))
+#: QuPath measurement names of a region.
+AREA_MEASUREMENT = "Area \u00b5m^2"
+DIAMETER_MEASUREMENT = "Longest diameter \u00b5m"
+CATEGORY_MEASUREMENT = "Size category (1 ITC, 2 micro, 3 macro)"
+
+
+def region_feature(k: int, region: Region, name: str, classification=LESION_CLASS) -> dict:
+    """A region as a QuPath annotation feature (:mod:`wsiscan.formats.qupath`)."""
+    return polygon_feature(
+        region.rings_level0_xy,
+        name=name,
+        classification=classification[0],
+        color=classification[1],
+        measurements={
+            "Max probability": round(region.max_probability, 6),
+            AREA_MEASUREMENT: round(region.area_um2, 3),
+            DIAMETER_MEASUREMENT: round(region.longest_diameter_um, 3),
+            CATEGORY_MEASUREMENT: CATEGORIES.index(region.category),
+            "Cells": region.n_cells,
+        },
+    )
+
+
+def lesion_features(regions: list[Region], points: np.ndarray) -> list[dict]:
+    """The features of ``lesions.geojson``: every region (named by its rank, size and
+    category) and every lesion candidate point (named by its rank and confidence)."""
+    features = []
+    for k, r in enumerate(regions, start=1):
+        name = (
+            f"Lesion {k}: {CATEGORY_NAMES[r.category]}, {r.longest_diameter_um / 1000:.2f} mm, "
+            f"p={r.max_probability:.3f}"
+        )
+        features.append(region_feature(k, r, name))
+    for k, (conf, x, y) in enumerate(np.asarray(points).reshape(-1, 3), start=1):
+        features.append(
+            point_feature(
+                (x, y),
+                name=f"Candidate {k} (p={conf:.3f})",
+                classification=CANDIDATE_CLASS[0],
+                color=CANDIDATE_CLASS[1],
+                measurements={"Confidence": round(float(conf), 6)},
+            )
+        )
+    return features
+
+
+def outline_features(pm: ProbMap, levels: tuple[float, ...], min_area_um2: float) -> list[dict]:
+    """The features of ``outlines.geojson``: the components of ``prob >= level`` for each level,
+    one QuPath class per level (``Probability >= <level>``), warmer colours for higher levels."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps[QC_COLORMAP]
+    features = []
+    for level in levels:
+        regions = mask_regions(
+            pm.prob, pm.prob >= level, pm.stride_px, pm.mpp, min_area_um2=min_area_um2
+        )
+        rgb = tuple(int(round(255 * c)) for c in cmap(float(level))[:3])
+        cls = (f"Probability >= {level:g}", rgb)
+        for k, r in enumerate(regions, start=1):
+            features.append(region_feature(k, r, f"p >= {level:g}: region {k}", cls))
+    return features
 
 
 def write_region_exports(
     regions: list[Region],
+    points: np.ndarray,
     out_geojson: str | Path,
     out_xml: str | Path,
     provenance: dict | None = None,
 ) -> None:
-    """Write ``regions`` as QuPath GeoJSON (classification Tumor) and ASAP XML (both atomic).
+    """Write ``regions`` and the lesion candidate ``points`` as QuPath GeoJSON
+    (:func:`lesion_features`) and the regions as ASAP XML, both atomically.
 
-    GeoJSON features carry ``max_probability``, ``area_um2`` and ``n_cells``. ASAP annotations are
-    named ``Detection <k> (p=<max>)`` in group :data:`ASAP_DETECTION_GROUP` (``_0``, the
-    Camelyon16 tumour group). ``provenance`` (slide, model checksum, version, parameters) goes
-    into the GeoJSON's ``"wsiscan"`` member and an XML comment.
+    ASAP annotations are named ``Detection <k> (p=<max>)`` in group :data:`ASAP_DETECTION_GROUP`
+    (``_0``, the Camelyon16 tumour group); a region's holes are ``Detection <k> hole <j>`` in the
+    exclusion group ``_2``, as Camelyon16 marks non-tumour inside a lesion. ``provenance``
+    (slide, model checksum, version, parameters) goes into the GeoJSON's ``"wsiscan"`` member and
+    an XML comment.
     """
-    from .annotations import Annotation, write_asap_xml, write_geojson
+    from .annotations import Annotation, write_asap_xml
 
-    polygons = [r.polygon_level0_xy for r in regions]
-    props = [
-        {
-            "max_probability": round(r.max_probability, 6),
-            "area_um2": round(r.area_um2, 3),
-            "n_cells": r.n_cells,
-        }
-        for r in regions
-    ]
-    write_geojson(
-        out_geojson, polygons, properties=props, classification="Tumor", metadata=provenance
-    )
-    anns = [
-        Annotation(f"Detection {k} (p={r.max_probability:.3f})", ASAP_DETECTION_GROUP, poly[:-1])
-        for k, (r, poly) in enumerate(zip(regions, polygons, strict=True))
-    ]
+    write_feature_collection(out_geojson, lesion_features(regions, points), metadata=provenance)
+    anns = []
+    for k, r in enumerate(regions):
+        anns.append(
+            Annotation(
+                f"Detection {k} (p={r.max_probability:.3f})",
+                ASAP_DETECTION_GROUP,
+                r.rings_level0_xy[0][:-1],
+            )
+        )
+        for j, hole in enumerate(r.rings_level0_xy[1:]):
+            anns.append(Annotation(f"Detection {k} hole {j}", ASAP_EXCLUSION_GROUP, hole[:-1]))
     comment = None
     if provenance:
         comment = "wsiscan " + " ".join(f"{k}={v}" for k, v in provenance.items())
@@ -340,29 +453,62 @@ def detect(
     params: DetectParams,
     *,
     slide_id: str,
+    out_outlines: str | Path | None = None,
+    out_overlay: str | Path | None = None,
+    out_qc: str | Path | None = None,
+    slide: str | Path | None = None,
+    mask: str | Path | None = None,
+    annotation: str | Path | None = None,
 ) -> dict:
-    """Stage ``detect``: lesion points, slide score and region exports of one slide.
+    """Stage ``detect``: lesion points, slide score, region exports and overlays of one slide.
 
     ``params.method`` ``nms`` (:func:`nms_points` with ``threshold`` and ``nms_radius_um``) or
     ``components`` (:func:`component_points` on the map's cleaned ``mask``, or ``prob >=
     threshold`` when the file has none; components below ``min_area_um2`` dropped). Region
-    exports outline the same mask's components of at least ``min_area_um2``. Writes
-    ``lesions.csv`` (``confidence,x,y``, level-0 int px, confidence descending), ``score.json``
-    and the GeoJSON / ASAP XML; returns the score record.
+    exports outline the same mask's components of at least ``min_area_um2``, with their sizes
+    (:func:`mask_regions`). Writes ``lesions.csv`` (``confidence,x,y``, level-0 int px,
+    confidence descending), ``score.json`` (with every region's size), ``lesions.geojson``
+    (QuPath: regions and candidate points) and ``lesions.xml`` (ASAP); when given, the outlines
+    at ``params.outline_levels`` (``out_outlines``, QuPath GeoJSON), the map as a pyramidal TIFF
+    for viewers (``out_overlay``, :mod:`wsiscan.formats.overlay`) and the QC picture
+    (``out_qc``: needs ``slide`` for the thumbnail; ``mask``, the tissue mask, outlines the
+    confinement; ``annotation``, the ground truth). Returns the score record.
     """
     pm = read_probmap(probmap, slide_id)
     points = lesion_points(pm, params)
-    mask = pm.mask if pm.mask is not None else pm.prob >= params.threshold
-    regions = mask_regions(pm.prob, mask, pm.stride_px, pm.mpp, min_area_um2=params.min_area_um2)
-    record = score_record(slide_id, pm, params, len(points), len(regions))
+    lesion_mask = pm.mask if pm.mask is not None else pm.prob >= params.threshold
+    regions = mask_regions(
+        pm.prob, lesion_mask, pm.stride_px, pm.mpp, min_area_um2=params.min_area_um2
+    )
+    record = score_record(slide_id, pm, params, len(points), regions)
     write_lesions_csv(out_lesions, points)
     provenance_keys = (
         "slide_id", "model_checksum", "wsiscan_version", "method", "threshold", "nms_radius_um",
         "min_area_um2", "mask_threshold", "stride_px", "mpp",
     )  # fmt: skip
-    write_region_exports(
-        regions, out_geojson, out_xml, provenance={k: record[k] for k in provenance_keys}
-    )
+    provenance = {k: record[k] for k in provenance_keys}
+    write_region_exports(regions, points, out_geojson, out_xml, provenance=provenance)
+    if out_outlines is not None:
+        features = outline_features(pm, params.outline_levels, params.min_area_um2)
+        write_feature_collection(
+            out_outlines, features, metadata={**provenance, "levels": list(params.outline_levels)}
+        )
+    if out_overlay is not None:
+        write_overlay_tiff(
+            out_overlay,
+            pm.prob,
+            stride_px=pm.stride_px,
+            mpp=pm.mpp,
+            slide_wh=(pm.slide_width, pm.slide_height),
+            slide_id=slide_id,
+        )
+    if out_qc is not None:
+        from .qc import draw_slide_qc
+
+        draw_slide_qc(
+            out_qc, pm, regions, points, slide=slide, tissue_mask=mask, annotation=annotation,
+            params=params, slide_id=slide_id, probmap=probmap,
+        )  # fmt: skip
     write_score_json(out_score, record)
     log.info(
         "slide %s: score %.4f, %d lesion points (%s), %d regions",
@@ -394,15 +540,16 @@ def lesion_points(pm: ProbMap, params: DetectParams) -> np.ndarray:
 
 
 def score_record(
-    slide_id: str, pm: ProbMap, params: DetectParams, n_points: int, n_regions: int
+    slide_id: str, pm: ProbMap, params: DetectParams, n_points: int, regions: list[Region]
 ) -> dict:
-    """The content of ``score.json``: the score and how it and the points were made."""
+    """The content of ``score.json``: the score, how it and the points were made, and every
+    region of the lesion mask with its size (``regions``, by max probability)."""
     return {
         "slide_id": slide_id,
         "score": slide_score(pm.prob, SCORE_METHODS[0]),
         "score_method": SCORE_METHODS[0],
         "n_lesions": int(n_points),
-        "n_regions": int(n_regions),
+        "n_regions": len(regions),
         "method": params.method,
         "threshold": float(params.threshold),
         "nms_radius_um": float(params.nms_radius_um),
@@ -414,4 +561,5 @@ def score_record(
         "slide_height": pm.slide_height,
         "model_checksum": pm.model_checksum,
         "wsiscan_version": __version__,
+        "regions": [r.record() for r in regions],
     }

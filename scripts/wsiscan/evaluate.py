@@ -527,6 +527,54 @@ def bootstrap_cis(
     }
 
 
+# -- the operating threshold -----------------------------------------------------------------------
+OPERATING_METHODS = ("sensitivity", "youden")
+
+
+def operating_threshold(
+    labels: np.ndarray, scores: np.ndarray, method: str, target_sensitivity: float
+) -> dict | None:
+    """The slide-score threshold of the call (``score >= threshold``: tumour) chosen on labelled
+    slides (``labels`` 1 = tumour, 0 = normal), with the sensitivity and specificity it reaches
+    there; None when it cannot be chosen (no tumour slide; ``youden`` also needs normal ones).
+
+    ``sensitivity``: the highest threshold whose slide sensitivity is at least
+    ``target_sensitivity`` -- the ``ceil(target * n_tumour)``-th highest tumour score.
+    ``youden``: the ROC point (``sklearn.metrics.roc_curve``) with the largest Youden's J =
+    sensitivity + specificity - 1, the highest threshold among equal ones.
+    """
+    from sklearn.metrics import roc_curve
+
+    if method not in OPERATING_METHODS:
+        raise ValueError(f"method must be one of {OPERATING_METHODS}, got {method!r}")
+    y = np.asarray(labels, dtype=np.int64).reshape(-1)
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    tumour, normal = np.sort(s[y == 1])[::-1], s[y == 0]
+    if tumour.size == 0:
+        return None
+    if method == "sensitivity":
+        k = max(1, math.ceil(target_sensitivity * tumour.size - 1e-9))
+        threshold = float(tumour[k - 1])
+    else:
+        if normal.size == 0:
+            return None
+        fpr, tpr, thr = roc_curve(y, s)
+        finite = np.isfinite(thr)
+        j = tpr[finite] - fpr[finite]
+        threshold = float(thr[finite][int(np.argmax(j))])
+    sensitivity = float(np.mean(tumour >= threshold))
+    specificity = float(np.mean(normal < threshold)) if normal.size else None
+    return {
+        "threshold": threshold,
+        "method": method,
+        "target_sensitivity": float(target_sensitivity) if method == "sensitivity" else None,
+        "sensitivity": sensitivity,
+        "specificity": specificity,
+        "n_tumor": int(tumour.size),
+        "n_normal": int(normal.size),
+    }
+
+
 # -- reading a cohort ------------------------------------------------------------------------------
 @dataclass
 class SlideResult:
@@ -596,6 +644,23 @@ def _write_csv(path: Path, df: pd.DataFrame) -> None:
         df.to_csv(fh, index=False)
 
 
+FROC_PLOT_XMAX = 8.5  #: the FROC plot's x range (FP per slide)
+
+
+def froc_plot_curve(
+    fps: np.ndarray, sensitivity: np.ndarray, x_max: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The FROC curve as plotted: its points ordered by FP rate, held at its last sensitivity
+    to ``x_max`` (as the score's interpolation holds it), so that a curve without false
+    positives, a vertical line on the left border, shows as the top border it reaches."""
+    order = np.lexsort((np.asarray(sensitivity), np.asarray(fps)))
+    x = np.asarray(fps, dtype=np.float64)[order]
+    y = np.asarray(sensitivity, dtype=np.float64)[order]
+    if x.size and x[-1] < x_max:
+        x, y = np.append(x, x_max), np.append(y, y[-1])
+    return x, y
+
+
 def _plot_froc(path: Path, froc: dict | None, ci: list[float] | None, rates) -> None:
     from matplotlib.figure import Figure
 
@@ -607,11 +672,13 @@ def _plot_froc(path: Path, froc: dict | None, ci: list[float] | None, rates) -> 
         label = f"FROC score {froc['score']:.4f}"
         if ci:
             label += f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})"
-        ax.plot(froc["fps"], froc["sensitivity"], "-", color="black", label=label)
-        ax.plot(rates, froc["at"], "o", color="tab:red", label="at 0.25, 0.5, 1, 2, 4, 8 FP")
-        ax.set_xlim(0, 8.5)
+        fps, sens = froc_plot_curve(froc["fps"], froc["sensitivity"], FROC_PLOT_XMAX)
+        ax.plot(fps, sens, "-", color="black", lw=2, label=label, clip_on=False, zorder=3)
+        ax.plot(rates, froc["at"], "o", color="tab:red", label="at 0.25, 0.5, 1, 2, 4, 8 FP",
+                clip_on=False, zorder=4)  # fmt: skip
+        ax.set_xlim(-0.1, FROC_PLOT_XMAX)
         ax.legend(loc="lower right", fontsize=8)
-    ax.set_ylim(0, 1.02)
+    ax.set_ylim(-0.02, 1.05)
     ax.set_xlabel("Average number of false positives per slide")
     ax.set_ylabel("Metastasis detection sensitivity")
     ax.set_title("FROC (Camelyon16 protocol)")
@@ -937,6 +1004,9 @@ def evaluate(
         params, results, froc_slides, y, auc, froc, boot, missing, warn,
         model=model, config_checksum=config_checksum, submission=submission,
     )  # fmt: skip
+    metrics["operating_threshold"] = operating_threshold(
+        y, s, params.method, params.target_sensitivity
+    )
     tables = {"froc": froc_table(froc), "roc": roc, "slides": slides_table}
     write_cohort_outputs(out_dir, metrics, tables, froc, auc, results)
     log.info(

@@ -164,6 +164,10 @@ SECTIONS: dict[str, str] = {
     "which groups (ASAP PartOfGroup, QuPath GeoJSON classification name) are tumour and which "
     "are exclusions cut out of it",
     "evaluate": "the cohort evaluation by the Camelyon16 protocol (rule evaluate)",
+    "operating": "the operating threshold of the slide call (rules evaluate, summarise): chosen on "
+    "the labelled slides of the evaluated split, or given for a cohort without labels",
+    "summarise": "the cohort summary for the pathologist (rule summarise): summary.tsv, "
+    "patients.tsv, staging.json",
     "train": "training rounds with hard-negative mining between them (rules train_patches, "
     "train_round, mine_negatives)",
     "train.augment": "patch augmentation in the training loader (rule train_round)",
@@ -276,6 +280,9 @@ SETTINGS: dict[str, Setting] = {
            minimum=0.0, maximum=100_000.0, exclusive="min"),
         _s("detect.min_area_um2", float, 0.0, "components (and exported regions) smaller than "
            "this are dropped", unit="um^2", minimum=0.0, maximum=1e12),
+        _s("detect.outline_levels", list, (0.5, 0.9), "tumour probabilities at which outlines.geojson "
+           "outlines the map (QuPath annotations, one class per level)", item=float,
+           ascending=True, **_FRACTION),
         # -- annotation --
         _s("annotation.tumour_groups", list, ("Tumor", "_0", "_1"), "annotation groups that "
            "are tumour (Camelyon16: Tumor, _0, _1; Camelyon17 XML: metastases; QuPath: the "
@@ -296,6 +303,22 @@ SETTINGS: dict[str, Setting] = {
         _s("evaluate.seed", int, 0, "bootstrap seed"),
         _s("evaluate.allow_missing", bool, False, "evaluate the slides that finished and list "
            "the failed ones in metrics.json"),
+        # -- operating threshold --
+        _s("operating.method", str, "sensitivity", "how the threshold of the slide call is chosen "
+           "on the labelled slides: sensitivity (the highest threshold whose slide sensitivity "
+           "reaches target_sensitivity) or youden (the ROC point of largest sensitivity + "
+           "specificity - 1)", choices=("sensitivity", "youden")),
+        _s("operating.target_sensitivity", float, 0.95, "slide sensitivity the threshold must "
+           "reach (method sensitivity)", minimum=0.0, maximum=1.0, exclusive="min"),
+        _s("operating.threshold", float, None, "the slide-score threshold of the call, e.g. the "
+           "operating_threshold.threshold of a labelled cohort's metrics.json; null: chosen on "
+           "this cohort's labelled slides (without any: detect.threshold)", nullable=True,
+           **_FRACTION),
+        # -- summarise --
+        _s("summarise.truth", str, None, "CSV in the Camelyon17 layout (patient,stage; rows "
+           "<patient>.zip,<pN stage> and <slide>.tif,<negative|itc|micro|macro>) with the true "
+           "slide categories and patient stages; null: only the sheet's true_category column",
+           nullable=True),
         _s("evaluate.every_round", bool, False, "also scan and evaluate the split with the model "
            "of every earlier training round (results/rounds/round<k>/); results/cohort/rounds.tsv "
            "compares the rounds"),
@@ -397,6 +420,7 @@ WIRING: dict[str, str] = {
     "train.finetune_epochs": "train_round's epochs in fine-tuning rounds (round plan)",
     "train.finetune_lr_scale": "train_round's lr in fine-tuning rounds (round plan)",
     "evaluate.every_round": "which infer, stitch, detect and evaluate jobs of earlier rounds exist",
+    "summarise.truth": "an input file of summarise (true categories and pN stages)",
 }
 
 #: Config keys renamed since 0.1 (old key: new key), named in the error for an old config.
@@ -576,6 +600,9 @@ class DetectParams(StageParams):
     threshold: float = key()
     nms_radius_um: float = key()
     min_area_um2: float = key()
+    outline_levels: tuple[float, ...] = key()
+    tumour_groups: tuple[str, ...] = key("annotation.tumour_groups")
+    exclusion_groups: tuple[str, ...] = key("annotation.exclusion_groups")
 
 
 @stage_params("evaluate", "evaluate")
@@ -591,6 +618,18 @@ class EvaluateParams(StageParams):
     allow_missing: bool = key()
     tumour_groups: tuple[str, ...] = key("annotation.tumour_groups")
     exclusion_groups: tuple[str, ...] = key("annotation.exclusion_groups")
+    method: str = key("operating.method")
+    target_sensitivity: float = key("operating.target_sensitivity")
+
+
+@stage_params("summarise", "summarise")
+class SummariseParams(StageParams):
+    """Stage ``summarise``: the cohort summary, patients' pN stages and their evaluation."""
+
+    split: str = key("evaluate.split")
+    method: str = key("operating.method")
+    target_sensitivity: float = key("operating.target_sensitivity")
+    threshold: float | None = key("operating.threshold")
 
 
 @stage_params("round_summary", "evaluate")
@@ -692,6 +731,7 @@ STAGE_PARAMS: dict[str, type[StageParams]] = {
         DetectParams,
         EvaluateParams,
         RoundSummaryParams,
+        SummariseParams,
         TrainPatchesParams,
         TrainRoundParams,
         MineNegativesParams,

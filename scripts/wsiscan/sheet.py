@@ -1,4 +1,6 @@
-"""``wsiscan sheet``: build the sample sheet (``slides.tsv``) from the public Camelyon16 layout.
+"""``wsiscan sheet``: build the sample sheet (``slides.tsv``) from the public Camelyon16 layout,
+or (``--folder``) from a folder of slides of a new cohort, labels unknown
+(:func:`build_folder_sheet`).
 
 Expected folders under ``root`` (as downloaded, with the annotation archives extracted)::
 
@@ -156,3 +158,61 @@ def _row(path: Path, annotation: Path | None, label: str, split: str) -> dict[st
         "label": label,
         "split": split,
     }
+
+
+#: File endings of the whole-slide formats OpenSlide reads (a .mrxs slide's data folder beside it).
+FOLDER_SUFFIXES = (
+    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm",
+)  # fmt: skip
+
+
+def folder_slide_id(path: Path) -> str:
+    """The slide ID of a file: its stem, every character outside ``[A-Za-z0-9._-]`` made ``_``."""
+    import re
+
+    sid = re.sub(r"[^A-Za-z0-9._-]", "_", path.stem)
+    return "_" + sid if sid in (".", "..") else sid
+
+
+def build_folder_sheet(
+    folder: str | Path,
+    out_tsv: str | Path | None,
+    *,
+    split: str = "test",
+    patient_pattern: str | None = None,
+    recursive: bool = False,
+) -> pd.DataFrame:
+    """Sample sheet of the slides in ``folder`` (files ending in :data:`FOLDER_SUFFIXES`, in name
+    order; ``recursive``: in its sub-folders too), label ``unknown``, no annotation, split
+    ``split`` (the one ``evaluate.split`` scans). ``patient_pattern``: a regular expression whose
+    first group, searched in the file name, fills a ``patient`` column (``(patient_[0-9]+)`` for
+    Camelyon17 names); a file it does not match gets none. Written to ``out_tsv`` (atomically)
+    when given. :class:`ConfigError` when there is no slide or two files give the same ID."""
+    import re
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(f"slide folder {str(folder)!r} is not a folder")
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    files = sorted(p for p in found if p.is_file() and p.suffix.lower() in FOLDER_SUFFIXES)
+    if not files:
+        raise ConfigError(f"no slide files ({', '.join(FOLDER_SUFFIXES)}) in {folder}")
+    pattern = re.compile(patient_pattern) if patient_pattern else None
+    rows = []
+    for p in files:
+        row = {"slide_id": folder_slide_id(p), "path": str(p), "annotation": "",
+               "label": "unknown", "split": split}  # fmt: skip
+        if pattern is not None:
+            match = pattern.search(p.name)
+            row["patient"] = (match.group(1) if match.groups() else match.group(0)) if match else ""
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    dups = df["slide_id"][df["slide_id"].duplicated()].unique().tolist()
+    if dups:
+        paths = df.loc[df["slide_id"].isin(dups), "path"].tolist()
+        raise ConfigError(f"{folder}: files give the same slide IDs {dups}: {paths[:6]}")
+    log.info("sheet of %d slides in %s (label unknown, split %s)", len(df), folder, split)
+    if out_tsv is not None:
+        with atomic_write(out_tsv) as fh:
+            df.to_csv(fh, sep="\t", index=False)
+    return df

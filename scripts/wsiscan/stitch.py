@@ -309,24 +309,40 @@ class Confinement:
         return self.allowed[np.ix_(self.mask_row[r0:r1], self.mask_col)]
 
 
+def allowed_region(
+    mask_png: str | Path,
+    slide_id: str,
+    slide_wh: tuple[int, int],
+    mpp: float,
+    margin_um: float,
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """The tissue mask dilated by ``margin_um`` (bool, at the mask's resolution; Euclidean
+    distance on the mask raster, anisotropic downsamples included) and the mask's level-0 px per
+    mask px ``(x, y)``."""
+    from scipy import ndimage as ndi
+
+    tissue, meta = read_tissue_mask(mask_png, slide_id)
+    check_mask_fits(meta, slide_wh, slide_id, mask_png)
+    dsx, dsy = float(meta["downsample_x"]), float(meta["downsample_y"])
+    if tissue.any():
+        spacing_um = (dsy * mpp, dsx * mpp)
+        allowed = ndi.distance_transform_edt(~tissue, sampling=spacing_um) <= margin_um
+    else:
+        allowed = np.zeros(tissue.shape, bool)
+    return allowed, (dsx, dsy)
+
+
 def tissue_confinement(
     mask_png: str | Path, header: TilesHeader, layout: MapLayout, margin_um: float
 ) -> Confinement:
     """The confinement of the map of ``header``'s slide by its tissue mask dilated by
     ``margin_um`` (Euclidean distance on the mask raster, anisotropic downsamples included)."""
-    from scipy import ndimage as ndi
-
-    tissue, meta = read_tissue_mask(mask_png, header.slide_id)
-    check_mask_fits(meta, header.slide_wh, header.slide_id, mask_png)
-    dsx, dsy = float(meta["downsample_x"]), float(meta["downsample_y"])
-    if tissue.any():
-        spacing_um = (dsy * header.mpp, dsx * header.mpp)
-        allowed = ndi.distance_transform_edt(~tissue, sampling=spacing_um) <= margin_um
-    else:
-        allowed = np.zeros(tissue.shape, bool)
+    allowed, (dsx, dsy) = allowed_region(
+        mask_png, header.slide_id, header.slide_wh, header.mpp, margin_um
+    )
     centres = (np.arange(max(layout.rows, layout.cols)) + 0.5) * layout.stride_px
-    row = np.clip(np.floor(centres[: layout.rows] / dsy), 0, tissue.shape[0] - 1)
-    col = np.clip(np.floor(centres[: layout.cols] / dsx), 0, tissue.shape[1] - 1)
+    row = np.clip(np.floor(centres[: layout.rows] / dsy), 0, allowed.shape[0] - 1)
+    col = np.clip(np.floor(centres[: layout.cols] / dsx), 0, allowed.shape[1] - 1)
     return Confinement(allowed, row.astype(np.int64), col.astype(np.int64), (dsx, dsy))
 
 

@@ -31,7 +31,7 @@ try:
         validate_config,
     )
     from wsiscan.errors import ConfigError
-    from wsiscan.faults import failed_slides, failure_record_path
+    from wsiscan.faults import failed_slides
 except ImportError as exc:
     raise WorkflowError(
         f"wsiscan: cannot import the workflow's Python package ({exc}). Use the workflow from a "
@@ -63,10 +63,20 @@ def wsiscan_environment():
 os.environ.update(wsiscan_environment())
 
 
-def wsiscan(arguments):
+def wsiscan(arguments, failure_record=None):
     """A rule's shell command: ``python -m wsiscan <arguments>`` as set by
-    :func:`wsiscan_environment`."""
-    return f'PYTHONPATH="$WSISCAN_PYTHONPATH" "$WSISCAN_PYTHON" -m wsiscan {arguments}'
+    :func:`wsiscan_environment`. ``failure_record``: for a per-slide stage, the name of the
+    rule's output beside which its failure record FAILED.json goes (results/{slide}/, or
+    results/rounds/round{k}/{slide}/ for an earlier round's scan). Command text, not a rule
+    parameter: the report lists every parameter of the job that made a result as its "Job
+    parameters", and this path is the workflow's own business.
+    """
+    record = ""
+    if failure_record:
+        record = (
+            f'--failure-record "$(dirname {{output.{failure_record}:q}})/FAILED.json" '
+        )
+    return f'PYTHONPATH="$WSISCAN_PYTHONPATH" "$WSISCAN_PYTHON" -m wsiscan {record}{arguments}'
 
 
 WSISCAN_ENV = "../envs/wsiscan.yaml"
@@ -173,11 +183,6 @@ def model_check():
 PER_SLIDE_STAGES = ("tissue_mask", "roi_grid", "infer", "stitch", "detect")
 
 
-def failure_record(wildcards):
-    """``results/{slide}/FAILED.json``: written by a failing per-slide stage, removed on success."""
-    return str(failure_record_path("results", wildcards.slide))
-
-
 def slide_inputs(sid):
     """The slide file and annotation of ``sid`` (a newer one makes its failure record stale)."""
     row = SAMPLES.loc[sid]
@@ -198,6 +203,8 @@ def final_outputs():
     out = expand("results/{slide}/lesions.csv", slide=scan_slides())
     stage_outputs = {s: str(getattr(rules, s).output[0]) for s in PER_SLIDE_STAGES}
     out += dag.retry_targets(failed_before(scan_slides()), stage_outputs)
+    if scan_slides():
+        out.append("results/cohort/summary.tsv")
     if labelled_slides():
         out.append("results/cohort/metrics.json")
         if earlier_rounds():
@@ -229,6 +236,35 @@ def evaluation_failed_args():
     return ["--failed", *sorted(set(labelled_slides()) - set(evaluated_slides()))]
 
 
+# -- the cohort summary (summarise.smk) ------------------------------------------------------------
+def summarised_slides():
+    """The scanned slides whose results the summary reads: all but those that failed before
+    (summary.tsv lists them with the stage and cause of their failure)."""
+    failed = failed_before(scan_slides())
+    return [sid for sid in scan_slides() if sid not in failed]
+
+
+def summary_failed_args():
+    """``--failed`` with the scanned slides the summary lists as failed."""
+    return ["--failed", *sorted(set(scan_slides()) - set(summarised_slides()))]
+
+
+def summary_truth_args(wildcards, input):
+    """``--truth`` of the summary when summarise.truth names a CSV."""
+    return ["--truth", input.truth] if input.truth else []
+
+
+def slide_annotation(wildcards):
+    """The slide's annotation file (the QC picture outlines it), or none."""
+    annotation = slide_row(wildcards)["annotation"]
+    return [annotation] if annotation else []
+
+
+def annotation_args(wildcards, input):
+    """``--annotation`` of detect when the slide has an annotation (the QC picture outlines it)."""
+    return ["--annotation", input.annotation] if input.annotation else []
+
+
 # -- every round evaluated (rounds.smk) ------------------------------------------------------------
 def earlier_rounds():
     """The training rounds before the last whose models are evaluated too (evaluate.every_round)."""
@@ -244,11 +280,6 @@ def round_metrics():
         "results/rounds/round{round}/cohort/metrics.json", round=earlier_rounds()
     )
     return [*earlier, "results/cohort/metrics.json"]
-
-
-def round_failure_record(wildcards):
-    """The failure record of a slide's scan with an earlier round's model."""
-    return f"results/rounds/round{wildcards.round}/{wildcards.slide}/FAILED.json"
 
 
 onerror:

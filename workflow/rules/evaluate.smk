@@ -12,10 +12,18 @@ rule evaluate:
         annotations=[a for a in SAMPLES.loc[evaluated_slides(), "annotation"] if a],
         model=model_file(),
     output:
-        metrics="results/cohort/metrics.json",
+        metrics=report(
+            "results/cohort/metrics.json",
+            caption="../report/metrics.rst",
+            category="Evaluation",
+        ),
         froc="results/cohort/froc.csv",
         roc="results/cohort/roc.csv",
-        slides="results/cohort/slides.csv",
+        slides=report(
+            "results/cohort/slides.csv",
+            caption="../report/slides.rst",
+            category="Evaluation",
+        ),
         froc_png=report(
             "results/cohort/froc.png",
             caption="../report/froc.rst",
@@ -41,13 +49,14 @@ rule evaluate:
         settings=settings("evaluate"),
         runtime=runtime("evaluate"),
         config_checksum=provenance(CONFIG_CHECKSUM),
-        results_dir=lambda w, input: "results",
-        out_dir=lambda w, output: str(Path(output.metrics).parent),
         failed=evaluation_failed_args(),
+    # the folders are those of the outputs (results/cohort in results/; results/rounds/round{k}/
+    # cohort for an earlier round): command text, not parameters, so the report lists none
     shell:
         wsiscan(
             "evaluate --sheet {input.sheet:q} --model {input.model:q}"
-            " --results-dir {params.results_dir:q} --out-dir {params.out_dir:q}"
+            ' --out-dir "$(dirname {output.metrics:q})"'
+            ' --results-dir "$(dirname "$(dirname {output.metrics:q})")"'
             " --config-checksum {params.config_checksum} {params.failed:q}"
             " {params.settings:q} {params.runtime:q} > {log:q} 2>&1"
         )

@@ -20,10 +20,10 @@ rule roi_grid:
     params:
         settings=settings("roi_grid"),
         runtime=runtime("roi_grid"),
-        failure_record=failure_record,
     shell:
         wsiscan(
-            "--failure-record {params.failure_record:q} roi_grid"
+            "roi_grid"
             " --slide-id {wildcards.slide:q} --slide {input.slide:q} --mask {input.mask:q}"
-            " --out-rois {output.rois:q} {params.settings:q} {params.runtime:q} > {log:q} 2>&1"
+            " --out-rois {output.rois:q} {params.settings:q} {params.runtime:q} > {log:q} 2>&1",
+            failure_record="rois",
         )

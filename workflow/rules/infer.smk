@@ -23,11 +23,11 @@ rule infer:
     params:
         settings=settings("infer"),
         runtime=runtime("infer"),
-        failure_record=failure_record,
     shell:
         wsiscan(
-            "--failure-record {params.failure_record:q} infer"
+            "infer"
             " --slide-id {wildcards.slide:q} --slide {input.slide:q} --rois {input.rois:q}"
             " --model {input.model:q} --out-tiles {output.tiles:q}"
-            " {params.settings:q} {params.runtime:q} > {log:q} 2>&1"
+            " {params.settings:q} {params.runtime:q} > {log:q} 2>&1",
+            failure_record="tiles",
         )

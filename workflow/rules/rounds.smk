@@ -18,17 +18,14 @@ use rule infer as infer_round with:
     params:
         settings=settings("infer"),
         runtime=runtime("infer"),
-        failure_record=round_failure_record,
 
 
 use rule stitch as stitch_round with:
     input:
-        slide=slide_path,
         tiles="results/rounds/round{round}/{slide}/tiles.h5",
         mask="results/{slide}/tissue.png",
     output:
         probmap="results/rounds/round{round}/{slide}/probmap.h5",
-        qc="results/rounds/round{round}/{slide}/qc/heatmap.png",
     log:
         "results/logs/stitch_round/round{round}/{slide}.log",
     benchmark:
@@ -36,17 +33,22 @@ use rule stitch as stitch_round with:
     params:
         settings=settings("stitch"),
         runtime=runtime("stitch"),
-        failure_record=round_failure_record,
 
 
 use rule detect as detect_round with:
     input:
         probmap="results/rounds/round{round}/{slide}/probmap.h5",
+        slide=slide_path,
+        mask="results/{slide}/tissue.png",
+        annotation=slide_annotation,
     output:
         lesions="results/rounds/round{round}/{slide}/lesions.csv",
         score="results/rounds/round{round}/{slide}/score.json",
         geojson="results/rounds/round{round}/{slide}/lesions.geojson",
         xml="results/rounds/round{round}/{slide}/lesions.xml",
+        outlines="results/rounds/round{round}/{slide}/outlines.geojson",
+        overlay="results/rounds/round{round}/{slide}/probmap.tif",
+        qc="results/rounds/round{round}/{slide}/qc/heatmap.png",
     log:
         "results/logs/detect_round/round{round}/{slide}.log",
     benchmark:
@@ -54,7 +56,7 @@ use rule detect as detect_round with:
     params:
         settings=settings("detect"),
         runtime=runtime("detect"),
-        failure_record=round_failure_record,
+        annotation=annotation_args,
 
 
 use rule evaluate as evaluate_round with:
@@ -91,8 +93,6 @@ use rule evaluate as evaluate_round with:
         runtime=runtime("evaluate"),
         config_checksum=provenance(CONFIG_CHECKSUM),
         failed=evaluation_failed_args(),
-        results_dir=lambda w, input: f"results/rounds/round{w.round}",
-        out_dir=lambda w, output: str(Path(output.metrics).parent),
 
 
 rule round_summary:

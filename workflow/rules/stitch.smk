@@ -1,19 +1,13 @@
-# Dense tiles into the slide-level probability map (chunked HDF5) plus morphology and a heat map.
+# Dense tiles into the slide-level probability map (chunked HDF5) plus morphology; the map is
+# confined to the tissue. The QC heat map is drawn by detect, over the detections.
 
 
 rule stitch:
     input:
-        slide=slide_path,
         tiles="results/{slide}/tiles.h5",
         mask="results/{slide}/tissue.png",
     output:
         probmap="results/{slide}/probmap.h5",
-        qc=report(
-            "results/{slide}/qc/heatmap.png",
-            caption="../report/heatmap.rst",
-            category="Heat maps",
-            labels={"slide": "{slide}"},
-        ),
     log:
         "results/logs/stitch/{slide}.log",
     benchmark:
@@ -27,11 +21,10 @@ rule stitch:
     params:
         settings=settings("stitch"),
         runtime=runtime("stitch"),
-        failure_record=failure_record,
     shell:
         wsiscan(
-            "--failure-record {params.failure_record:q} stitch"
-            " --slide-id {wildcards.slide:q} --slide {input.slide:q} --tiles {input.tiles:q}"
-            " --mask {input.mask:q} --out-probmap {output.probmap:q} --out-qc {output.qc:q}"
-            " {params.settings:q} {params.runtime:q} > {log:q} 2>&1"
+            "stitch --slide-id {wildcards.slide:q} --tiles {input.tiles:q}"
+            " --mask {input.mask:q} --out-probmap {output.probmap:q}"
+            " {params.settings:q} {params.runtime:q} > {log:q} 2>&1",
+            failure_record="probmap",
         )

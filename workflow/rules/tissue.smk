@@ -25,11 +25,11 @@ rule tissue_mask:
     params:
         settings=settings("tissue_mask"),
         runtime=runtime("tissue_mask"),
-        failure_record=failure_record,
     shell:
         wsiscan(
-            "--failure-record {params.failure_record:q} tissue_mask"
+            "tissue_mask"
             " --slide-id {wildcards.slide:q} --slide {input.slide:q}"
             " --out-mask {output.mask:q} --out-qc {output.qc:q}"
-            " {params.settings:q} {params.runtime:q} > {log:q} 2>&1"
+            " {params.settings:q} {params.runtime:q} > {log:q} 2>&1",
+            failure_record="mask",
         )

@@ -50,12 +50,16 @@ def to_tensor(
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> torch.Tensor:
     """Normalise RGB uint8 images ``(N, H, W, 3)`` (or one ``(H, W, 3)``) for the network.
 
     Returns ``(N, 3, H, W)`` of ``dtype`` on ``device``: ``(x/255 - mean) / std`` with the ImageNet
     mean/std. The uint8 data are moved to ``device`` first (4x less transfer than float), then
-    converted there. Every path (inference, training, tests) uses this one function.
+    converted there into one buffer, normalised in place (the same arithmetic as out of place,
+    without three more buffers of the batch's float size). ``memory_format``: the result's
+    layout (``torch.channels_last`` is the uint8 images' own order; the values are the same).
+    Every path (inference, training, tests) uses this one function.
     """
     x = torch.as_tensor(rgb_uint8_batch)
     if x.dtype != torch.uint8:
@@ -66,10 +70,12 @@ def to_tensor(
         raise ValueError(f"to_tensor expects (N, H, W, 3) RGB images, got shape {tuple(x.shape)}")
     if device is not None:
         x = x.to(device, non_blocking=True)
-    x = x.permute(0, 3, 1, 2).to(dtype)
+    n, h, w, _ = x.shape
+    out = torch.empty((n, 3, h, w), dtype=dtype, device=x.device, memory_format=memory_format)
+    out.copy_(x.permute(0, 3, 1, 2))
     mean = torch.tensor(IMAGENET_MEAN, dtype=dtype, device=x.device).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(IMAGENET_STD, dtype=dtype, device=x.device).view(1, 3, 1, 1) * 255.0
-    return ((x - mean) / std).contiguous()
+    return out.sub_(mean).div_(std)
 
 
 # -- the network -----------------------------------------------------------------------------------

@@ -99,6 +99,11 @@ class ScanNet(nn.Module):
     dropout:
         Dropout probability after the head's hidden layers (``fc6``, ``fc7``) in training; the
         identity in eval mode.
+    init_weights:
+        False skips the random initialisation (:meth:`reset_parameters`) for a network whose
+        every tensor is loaded next (a checkpoint): on torch's ``meta`` device the Kaiming init
+        goes through torch's Python reference kernels and imports ``torch._dynamo`` (~1.5 s of
+        every infer job's start-up); on a real device it costs the init of every weight.
 
     Parameter names follow torchvision: the trunk (every layer up to the last pool) is
     ``features`` with torchvision's indices (``features.N.weight``/``bias`` and BatchNorm running
@@ -112,6 +117,8 @@ class ScanNet(nn.Module):
         width: float = SETTINGS["model.width"].default,
         batchnorm: bool = SETTINGS["model.batchnorm"].default,
         dropout: float = 0.0,
+        *,
+        init_weights: bool = True,
     ) -> None:
         super().__init__()
         if arch not in ARCHITECTURES:
@@ -162,7 +169,8 @@ class ScanNet(nn.Module):
                 p_drop = 0.0 if final else self.dropout
             self._mods.append((conv, bn, not final, p_drop))
             in_ch = out_ch
-        self.reset_parameters()
+        if init_weights:
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Random init as torchvision's VGG: Kaiming-normal convs, BN (1, 0), final conv N(0, 0.01)."""

@@ -331,18 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
 #: block), and the heap is not trimmed (32 GiB), so a process keeps its peak until it exits.
 #: Measured: CPU inference of the demo model 1.8x, a training step 1.7x and the full-width FCN on a
 #: 2868 px ROI 1.5x faster (benchmarks/README.md, ``malloc`` and ``fcn_vs_patch``). glibc reads
-#: them at process start only (``mallopt`` caps the mmap threshold at 32 MiB). One arena: with a
-#: heap per thread (torch's compute threads allocate too) the kept heaps fragment differently from
-#: run to run; with one, the peak RSS of ``wsiscan infer`` (width 1/8, 2884 px blocks, batch 4)
-#: was 3140-3522 MiB against 3771-4789 MiB, with less system time (benchmarks/README.md,
-#: ``infer_rss``).
-MALLOC_TUNING = {
-    "MALLOC_MMAP_THRESHOLD_": str(2**34),
-    "MALLOC_TRIM_THRESHOLD_": str(2**35),
-    "MALLOC_ARENA_MAX": "1",
-}
-#: the settings whose presence means "already tuned" (a site may set MALLOC_ARENA_MAX on its own)
-_TUNED_MARKERS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+#: them at process start only (``mallopt`` caps the mmap threshold at 32 MiB).
+MALLOC_TUNING = {"MALLOC_MMAP_THRESHOLD_": str(2**34), "MALLOC_TRIM_THRESHOLD_": str(2**35)}
 NO_MALLOC_TUNING_ENV = "WSISCAN_MALLOC_TUNING"  # "0": keep the allocator's defaults
 
 
@@ -354,7 +344,7 @@ def malloc_tuning_applies(stage: str, environ: dict[str, str] | os._Environ) -> 
         and sys.platform.startswith("linux")
         and platform.libc_ver()[0] == "glibc"
         and environ.get(NO_MALLOC_TUNING_ENV, "1") != "0"
-        and not any(key in environ for key in _TUNED_MARKERS)
+        and not any(key in environ for key in MALLOC_TUNING)
     )
 
 

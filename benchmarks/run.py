@@ -38,7 +38,15 @@ from collections import deque
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-MODULES = ["bench_model", "bench_pipeline", "bench_io", "bench_train", "bench_dag", "bench_gpu"]
+MODULES = [
+    "bench_model",
+    "bench_pipeline",
+    "bench_io",
+    "bench_scale",
+    "bench_train",
+    "bench_dag",
+    "bench_gpu",
+]
 TABLE_BEGIN = "<!-- results-table:begin -->"
 TABLE_END = "<!-- results-table:end -->"
 GPU_TABLE_BEGIN = "<!-- results-table-gpu:begin -->"

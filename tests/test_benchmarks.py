@@ -70,6 +70,8 @@ def test_smoke_run_of_every_cpu_benchmark(tmp_path: Path) -> None:
     assert infer["tiles_identical_0_vs_N_workers"] is True
     assert infer["blocks"] > 0
     assert report["benchmarks"]["stitch_rss"]["blocks"] > 0
+    scale = {f["name"]: f for f in report["benchmarks"]["infer_rss"]["figures"]}
+    assert scale["request_over_peak"]["met"], scale  # wsiscan.memory's request above the peak
     assert "| mask_grid | mask_plus_grid_cpu_s |" in proc.stdout
     assert (readme.read_text() if readme.exists() else None) == before  # --no-readme
 

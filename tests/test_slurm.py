@@ -357,3 +357,59 @@ def test_demo_workflow_through_sbatch(slurm_cluster: str, workdir: Path, tmp_pat
     # a second run finds nothing to do
     rc, log2 = run_cluster_snakemake(workdir, env, "--profile", "slurm", "--dry-run")
     assert rc == 0 and "Nothing to be done" in log2, log2
+
+
+def _damage_level0(slide: Path) -> None:
+    """Zero the JPEG header of every level-0 tile of ``slide`` (the reduced levels stay fine, so
+    the mask and the grid do not change), keeping its modification time."""
+    import tifffile
+
+    stat = slide.stat()
+    with tifffile.TiffFile(slide) as tf:
+        offsets = list(tf.pages[0].dataoffsets)
+    with open(slide, "r+b") as fh:
+        for offset in offsets:
+            fh.seek(offset)
+            fh.write(bytes(32))
+    os.utime(slide, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def _tiles(workdir: Path, sid: str):
+    import h5py
+
+    with h5py.File(workdir / "results" / sid / "tiles.h5") as f:
+        return f["tiles"][()]
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_infer_group_keeps_finished_slides_and_the_failure_record(slurm_cluster, workdir: Path):
+    """Several slides per GPU job (the profile's commented-out `infer` group, 3 slides per job):
+    the tiles equal those of one slide per job, and when one slide fails (its level 0 cannot be
+    decoded) it leaves its failure record and no tiles, and the group's other slides keep theirs
+    (keep-incomplete; without it Snakemake deletes every output of the failed group job)."""
+    import numpy as np
+
+    slides = ["a", "b", "c"]
+    write_small_demo(workdir, [(sid, "normal") for sid in slides])
+    targets = [f"results/{sid}/tiles.h5" for sid in slides]
+    run_snakemake(workdir, "--cores", "2", *targets)  # one slide per job (locally)
+    reference = {sid: _tiles(workdir, sid) for sid in slides}
+    _damage_level0(workdir / "data" / "demo" / "b.tif")
+    groups = ["tissue_mask=prep", "roi_grid=prep", "stitch=post", "detect=post", "infer=infer"]
+    rc, log = run_cluster_snakemake(
+        workdir,
+        snakemake_env(),
+        *("--profile", str(PROFILE), "--slurm-init-seconds-before-status-checks", "2"),
+        *("--groups", *groups, "--group-components", "prep=8", "post=8", "infer=3"),
+        *("--retries", "0", "--forcerun", "infer", "--", *targets),
+    )
+    assert rc != 0, log
+    submitted = re.findall(r"submitted with SLURM jobid (\d+) \(log: (\S+?)\)\.", log)
+    assert len(submitted) == 1 and "/group_infer" in submitted[0][1], submitted  # one GPU job
+    record = yaml.safe_load((workdir / "results" / "b" / "FAILED.json").read_text())
+    assert record["stage"] == "infer" and record["slide_id"] == "b", record
+    assert "level 0" in record["cause"]
+    assert not (workdir / "results" / "b" / "tiles.h5").exists()
+    for sid in ("a", "c"):  # computed again in the group job before b, or not reached: kept
+        assert np.array_equal(_tiles(workdir, sid), reference[sid]), sid

@@ -8,6 +8,9 @@ Rules only wire files; the decisions they need live here, where tests reach them
 * :func:`runtime_options` -- its run-time settings (workers, threads, device, ...), which the rule
   passes through a ``params`` function of ``threads``: Snakemake counts such a parameter as
   derived from the job's resources and never as a rerun trigger;
+* :func:`memory_request_mb` -- the first attempt's ``mem_mb`` of the torch stages, derived from
+  the geometry, width, batch, workers and device (:mod:`wsiscan.memory`); a resource, which
+  Snakemake never counts as a rerun trigger;
 * :func:`round_plan` -- which model a training round starts from, its epochs and learning rate;
 * :func:`model_check_record` -- the record of rule ``check_model``, which every ``infer`` job
   waits for (a bad checkpoint fails that one job, before any slide's tiles are removed);
@@ -35,6 +38,15 @@ from .params import (
     config_value,
     to_argv,
 )
+
+
+def memory_request_mb(config: Mapping[str, Any], stage: str) -> int:
+    """Memory (MB) the first attempt of ``stage`` (``infer``, ``mine_negatives``,
+    ``train_round``) asks for; the rules multiply it by the attempt
+    (:func:`wsiscan.memory.stage_memory_mb`)."""
+    from .memory import stage_memory_mb
+
+    return stage_memory_mb(config, stage)
 
 
 # -- settings as options ---------------------------------------------------------------------------

@@ -208,6 +208,7 @@ def mine_slide(
         )  # fmt: skip
         far = tumour.distance_um(xy) >= params.margin_um
         reservoir.add(xy[far], prob[far])
+        del batch, xy, prob, far  # not alive while the next batch is computed (iter_dense_tiles)
     order = np.lexsort((reservoir.xy[:, 0], reservoir.xy[:, 1])) if len(reservoir.xy) else []
     return reservoir.xy[order], reservoir.prob[order], reservoir.seen
 

@@ -132,6 +132,18 @@ def runtime(stage):
     return options
 
 
+def memory_mb(stage):
+    """`mem_mb` of a torch stage: wsiscan.memory's request (geometry, width, batch, workers,
+    device), computed once, times the retry attempt. A resource: a changed request re-runs
+    nothing."""
+    first = dag.memory_request_mb(config, stage)
+
+    def mem_mb(wildcards, attempt):
+        return first * attempt
+
+    return mem_mb
+
+
 def provenance(value):
     """A parameter that only records where an output came from (the config's checksum): a
     function of the job's input, which Snakemake counts as derived, so it re-runs nothing.

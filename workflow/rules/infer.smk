@@ -17,7 +17,7 @@ rule infer:
         WSISCAN_ENV
     threads: max(1, config["infer"]["workers"])
     resources:
-        mem_mb=lambda w, attempt: 8000 * attempt,
+        mem_mb=memory_mb("infer"),
         runtime=lambda w, attempt: 60 * attempt,
         gpu=1 if config["infer"]["device"] != "cpu" else 0,
     params:

@@ -55,7 +55,7 @@ rule train_round:
         WSISCAN_ENV
     threads: TRAIN["threads"]
     resources:
-        mem_mb=lambda w, attempt: 8000 * attempt,
+        mem_mb=memory_mb("train_round"),
         runtime=lambda w, attempt: 240 * attempt,
         gpu=TRAIN_GPU,
     params:
@@ -89,7 +89,7 @@ rule mine_negatives:
         WSISCAN_ENV
     threads: TRAIN["threads"]
     resources:
-        mem_mb=lambda w, attempt: 8000 * attempt,
+        mem_mb=memory_mb("mine_negatives"),
         runtime=lambda w, attempt: 120 * attempt,
         gpu=TRAIN_GPU,
     params:

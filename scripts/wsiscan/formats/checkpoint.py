@@ -184,7 +184,7 @@ def load_checkpoint(
             "dropout": float(config.get("dropout", 0.0)),
         }
         with torch.device("meta"):
-            shell = ScanNet(**kwargs)
+            shell = ScanNet(**kwargs, init_weights=False)
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(path, f"invalid model config {config!r}: {exc}")
     geo = config.get("geometry") or {}
@@ -213,7 +213,7 @@ def load_checkpoint(
             )
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise CheckpointError(path, f"tensor {key} holds NaN or infinite values")
-    model = ScanNet(**kwargs)
+    model = ScanNet(**kwargs, init_weights=False)  # every tensor comes from the file
     model.load_state_dict(state)
     model.to(map_location)
     model.eval()

@@ -77,7 +77,15 @@ def write_tiles(
         f.attrs["format"] = FORMAT
         for key, value in {**grid.attrs(), **model, "tile_dtype": tile_dtype}.items():
             f.attrs[key] = value
-        chunk = {"chunks": (1, t, t), "compression": "gzip", "compression_opts": 1}
+        # no chunk cache (HDF5 keeps none larger than its size): each tile is compressed and
+        # written when it comes, instead of up to 8 MiB of tiles held by the cache between the
+        # inference batches (memory that outlives a batch fragments the infer stage's heap)
+        chunk = {
+            "chunks": (1, t, t),
+            "compression": "gzip",
+            "compression_opts": 1,
+            "rdcc_nbytes": 1,
+        }
         tiles = f.create_dataset(
             "tiles", shape=(n, t, t), dtype=np.dtype(tile_dtype), **(chunk if n else {})
         )

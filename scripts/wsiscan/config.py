@@ -15,7 +15,9 @@ key or the sheet line.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,36 @@ SCHEMA_DIR = REPO_DIR / "workflow" / "schemas"
 CONFIG_SCHEMA = SCHEMA_DIR / "config.schema.yaml"
 CONFIG_REFERENCE = REPO_DIR / "config" / "README.md"
 SHEET_COLUMNS = ["slide_id", "path", "annotation", "label", "split"]
+
+
+@dataclass(frozen=True)
+class OptionalColumn:
+    """An optional column of the sample sheet: what it means and the values it admits (a cell may
+    be empty unless ``required``; ``pattern`` or ``choices`` check the others)."""
+
+    help: str
+    pattern: str | None = None
+    choices: tuple[str, ...] | None = None
+
+    def check(self, value: str) -> str | None:
+        """The reason ``value`` does not fit, or None."""
+        if value == "":
+            return None
+        if self.pattern is not None and not re.fullmatch(self.pattern, value):
+            return f"{value!r} does not match {self.pattern}"
+        if self.choices is not None and value not in self.choices:
+            return f"must be one of {list(self.choices)} (or empty), got {value!r}"
+        return None
+
+
+#: Optional sheet columns, by name: a sheet may hold any of them after the required ones.
+OPTIONAL_COLUMNS: dict[str, OptionalColumn] = {
+    "centre": OptionalColumn(
+        "the centre (lab, scanner) the slide comes from: the evaluation reports each centre's "
+        "metrics too; demo slides take their stain and scanner from it",
+        pattern=r"[A-Za-z0-9._-]+",
+    ),
+}
 DEMO_DIR = "data/demo"
 GENERATED = "Generated from wsiscan.params.SETTINGS by `wsiscan config-docs`: do not edit."
 _BEGIN = "<!-- settings:begin"
@@ -419,18 +451,21 @@ def load_samples(
         raise ConfigError(f"samples: sample sheet {str(sheet_path)!r} not found")
     df, lines = read_sheet_rows(sheet_path)
     missing = [c for c in SHEET_COLUMNS if c not in df.columns]
-    extra = [c for c in df.columns if c not in SHEET_COLUMNS]
+    extra = [c for c in df.columns if c not in SHEET_COLUMNS and c not in OPTIONAL_COLUMNS]
     if missing or extra:
         raise ConfigError(
-            f"{sheet_path}: columns must be {SHEET_COLUMNS}; missing {missing}, unexpected {extra}"
+            f"{sheet_path}: columns must be {SHEET_COLUMNS} (optional: {list(OPTIONAL_COLUMNS)}); "
+            f"missing {missing}, unexpected {extra}"
         )
     if df.empty:
         raise ConfigError(f"{sheet_path}: the sample sheet has no rows")
-    df = df[SHEET_COLUMNS].apply(lambda col: col.str.strip())
+    optional = [c for c in OPTIONAL_COLUMNS if c in df.columns]
+    df = df[SHEET_COLUMNS + optional].apply(lambda col: col.str.strip())
+    _check_optional_columns(df, optional, sheet_path, lines)
     base = Path(base_dir)
     schema = _schema("samples.schema.yaml", schema)
     try:
-        validate(df, schema)  # one pass over the sheet; rows are re-checked only on failure
+        validate(df[SHEET_COLUMNS], schema)  # one pass; rows are re-checked only on failure
         sheet_valid = True
     except Exception as exc:
         if _validation_error(exc) is None:
@@ -440,7 +475,7 @@ def load_samples(
         where = f"{sheet_path} line {lines[i]} (slide_id {row['slide_id']!r})"
         if not sheet_valid:
             try:
-                validate(pd.DataFrame([row]), schema)
+                validate(pd.DataFrame([row])[SHEET_COLUMNS], schema)
             except Exception as exc:
                 err = _validation_error(exc)
                 if err is None:
@@ -465,3 +500,18 @@ def load_samples(
         where = [str(lines[i]) for i in range(len(df)) if df["slide_id"].iloc[i] in dups]
         raise ConfigError(f"{sheet_path}: duplicate slide_id {dups} on lines {', '.join(where)}")
     return df.set_index("slide_id", drop=False)
+
+
+def _check_optional_columns(
+    df: pd.DataFrame, columns: list[str], sheet_path: Path, lines: list[int]
+) -> None:
+    """:class:`ConfigError` naming the file line of the first value an optional column refuses."""
+    for col in columns:
+        spec = OPTIONAL_COLUMNS[col]
+        for i, value in enumerate(df[col].tolist()):
+            reason = spec.check(value)
+            if reason:
+                sid = df["slide_id"].iloc[i]
+                raise ConfigError(
+                    f"{sheet_path} line {lines[i]} (slide_id {sid!r}): {col}: {reason}"
+                )

@@ -90,6 +90,8 @@ STAGES: dict[str, Stage] = {
     for s in (
         Stage("synth_slide", "synth", "Write one synthetic H&E-like pyramidal TIFF and its ASAP XML.", (
             Arg("label", "slide label", type=str, choices=("tumor", "normal")),
+            Arg("centre", "demo centre of the slide's stain and scanner (A, B or C; empty: none)",
+                type=str, optional=True, default=""),
             Arg("out_slide", "pyramidal .tif to write"),
             Arg("out_xml", "ASAP XML of the tumour polygons to write"),
         )),

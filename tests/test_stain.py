@@ -79,3 +79,18 @@ def test_a_fit_needs_stained_pixels():
         macenko_fit(np.full((10, 3), 128, np.uint8))
     with pytest.raises(ValueError, match="he_od"):
         StainFit.from_dict({"max_conc": [1.0, 1.0]})
+
+
+def test_a_centre_changes_the_stain_and_scanner_not_the_tissue(tiles):
+    from wsiscan.errors import ConfigError
+
+    plans = {c: plan_slide(SLIDE, "tumor", SEED, W, H, MPP, size_jitter=0.0, centre=c)
+             for c in ("", "A", "C")}  # fmt: skip
+    for c in ("A", "C"):
+        assert plans[c].annotations() == plans[""].annotations()
+        assert np.array_equal(plans[c].sd_um, plans[""].sd_um)
+    assert plans[""].blur_px == 0 and plans["C"].jpeg_quality < plans["A"].jpeg_quality
+    assert not np.allclose(plans["C"].h_od, plans["A"].h_od)
+    assert np.abs(od_of(tiles["C"]).mean(0) - od_of(tiles["A"]).mean(0)).max() > 0.07
+    with pytest.raises(ConfigError, match="unknown demo centre 'Z'"):
+        plan_slide(SLIDE, "tumor", SEED, W, H, MPP, centre="Z")

@@ -248,7 +248,9 @@ def run_stage(stage: Stage, args: argparse.Namespace) -> Any:
 # -- tools (not stages) ----------------------------------------------------------------------------
 def _add_tools(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "sheet", help="Build the sample sheet (slides.tsv) of a Camelyon16 download."
+        "sheet",
+        help="Build the sample sheet (slides.tsv) of a Camelyon16 download (centre RUMC/UMCU for the "
+        "training slides, from their numbers).",
     )
     p.add_argument("--root", type=Path, required=True, help="folder holding training/, testing/")
     p.add_argument("--out", type=Path, required=True, help="slides.tsv to write")

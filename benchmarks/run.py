@@ -7,7 +7,8 @@ Every benchmark runs in its own subprocess so that peak-memory figures (``ru_max
 alone. Comparisons (A vs B) run both sides inside the same benchmark, so ratios hold on a noisy machine.
 
     python -m benchmarks.run              # full run (tens of minutes on 2 cores)
-    python -m benchmarks.run --smoke      # seconds: every harness on tiny inputs (part of the tests)
+    python -m benchmarks.run --smoke      # seconds: every harness on tiny inputs (part of the tests;
+                                          # not stain_centres: --smoke --only stain_centres)
     python -m benchmarks.run --gpu        # the GPU benchmark (needs CUDA)
     python -m benchmarks.run --only fcn_vs_patch,dag
     python -m benchmarks.run --readme-from benchmarks/results/<date>T<time>-<host>.json
@@ -45,12 +46,17 @@ MODULES = [
     "bench_scale",
     "bench_train",
     "bench_dag",
+    "bench_stain",
     "bench_gpu",
 ]
 TABLE_BEGIN = "<!-- results-table:begin -->"
 TABLE_END = "<!-- results-table:end -->"
 GPU_TABLE_BEGIN = "<!-- results-table-gpu:begin -->"
 GPU_TABLE_END = "<!-- results-table-gpu:end -->"
+#: Benchmarks whose smoke run takes minutes (several trainings, each scanning its test slides):
+#: left out of ``--smoke`` runs of every benchmark (the test suite's); ``--smoke --only NAME``
+#: still runs one.
+HEAVY_SMOKE = frozenset({"stain_centres"})
 #: Benchmarks of stages that run with glibc's default allocator settings (not torch stages).
 DEFAULT_MALLOC = frozenset({"mask_grid", "stitch_rss", "dag"})
 #: The latest result of every benchmark, whichever run it came from (the README tables' source).
@@ -330,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         names = [n for n in names if n.startswith("gpu")]
     else:
         names = [n for n in names if not n.startswith("gpu")]
+        names = [n for n in names if not (args.smoke and n in HEAVY_SMOKE)]
     started = dt.datetime.now()
     report = {
         "date": started.date().isoformat(),

@@ -186,7 +186,7 @@ def test_workflow_refuses_duplicate_keys_and_an_empty_scan(workdir):
     cfg["model"]["checkpoint"] = "results/model/trained.pt"
     (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
     sheet = (workdir / "config" / "slides.tsv").read_text().splitlines()
-    train_only = [sheet[0]] + [row for row in sheet[1:] if row.endswith("\ttrain")][:2]
+    train_only = [sheet[0]] + [row for row in sheet[1:] if row.split("\t")[4] == "train"][:2]
     (workdir / "config" / "slides.tsv").write_text("\n".join(train_only) + "\n")
     proc = run_snakemake(workdir, "-n", "--cores", "1", check=False)
     out = proc.stdout + proc.stderr
@@ -212,3 +212,19 @@ def test_nothing_to_scan_only_when_no_training_runs_either():
     assert nothing_to_scan(config, ["train", "test"]) is None
     config["evaluate"]["split"] = "train"
     assert nothing_to_scan(config, ["train"]) is None
+
+
+def test_sheet_centre_column_is_optional_and_validated(tmp_path):
+    rows = ["a\tdata/demo/a.tif\t\tnormal\ttest", "b\tdata/demo/b.tif\t\tnormal\ttest"]
+    df = load_samples(write_sheet(tmp_path, rows), base_dir=tmp_path)
+    assert "centre" not in df.columns  # an absent optional column is not filled in
+    sheet = tmp_path / "centres.tsv"
+    sheet.write_text(
+        HEADER.rstrip("\n") + "\tcentre\n# a comment line\n"
+        + "".join(f"{r}\t{c}\n" for r, c in zip(rows, ("RUMC", ""), strict=True))
+    )  # fmt: skip
+    df = load_samples(sheet, base_dir=tmp_path)
+    assert df["centre"].tolist() == ["RUMC", ""]
+    sheet.write_text(sheet.read_text().replace("\tRUMC\n", "\tRad boud\n"))
+    with pytest.raises(ConfigError, match=r"line 3 \(slide_id 'a'\): centre: 'Rad boud' does not"):
+        load_samples(sheet, base_dir=tmp_path)

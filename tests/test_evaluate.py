@@ -995,3 +995,26 @@ def test_a_tiff_that_is_not_a_mask_stops_the_evaluation(tmp_path):
     lvl5[3, 6:22] = np.arange(16) * 16 + 1  # 16 more values on one edge row
     got = check_label_image(np.dstack([lvl5] * 3 + [np.full_like(lvl5, 255)]), Path("m"), "t", 5)
     assert np.array_equal(got, lvl5)
+
+
+def test_metrics_per_centre_are_each_centres_own_cohort(tmp_path):
+    """metrics.json's ``centres``: each centre's figures equal an evaluation of its slides alone;
+    a sheet without the column gives none."""
+    hand_cohort(tmp_path)
+    sheet = pd.read_csv(tmp_path / "slides.tsv", sep="\t", dtype=str, keep_default_na=False)
+    sheet["centre"] = sheet["slide_id"].map({"tumor_a": "X", "normal_b": "X", "normal_c": "Y",
+                                             "Test_049": "Y"}).fillna("")  # fmt: skip
+    sheet.to_csv(tmp_path / "slides.tsv", sep="\t", index=False)
+    m = run(tmp_path, tmp_path / "slides.tsv", bootstrap=0)
+    assert sorted(m["centres"]) == ["X", "Y"]
+    assert pd.read_csv(tmp_path / "cohort" / "slides.csv")["centre"].tolist()[:2] == ["X", "X"]
+    for centre in ("X", "Y"):
+        alone = sheet[sheet["centre"] == centre].drop(columns="centre")
+        alone.to_csv(tmp_path / f"{centre}.tsv", sep="\t", index=False)
+        own = run(tmp_path, tmp_path / f"{centre}.tsv", bootstrap=0)
+        assert own["centres"] == {}  # no centre column
+        got = m["centres"][centre]
+        for key in ("n_slides", "n_tumor", "n_normal", "auc", "froc", "sensitivity_at_fp",
+                    "fp_per_normal_slide", "n_lesions"):  # fmt: skip
+            assert got[key] == own[key], (centre, key)
+    assert m["centres"]["X"]["n_slides"] == 2 and m["centres"]["X"]["froc"] is not None

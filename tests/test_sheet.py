@@ -24,11 +24,14 @@ def fake_camelyon16(root: Path, reference: str = REFERENCE) -> Path:
     files = [
         "training/tumor/tumor_001.tif",
         "training/tumor/tumor_002.tif",
+        "training/tumor/tumor_071.tif",
         "training/normal/normal_001.tif",
         "training/normal/normal_002.tif",
+        "training/normal/normal_101.tif",
         "training/normal/readme.txt",
         "training/lesion_annotations/tumor_001.xml",
         "training/lesion_annotations/tumor_002.xml",
+        "training/lesion_annotations/tumor_071.xml",
         "testing/images/test_001.tif",
         "testing/images/test_002.tif",
         "testing/images/test_003.tif",
@@ -50,12 +53,18 @@ def test_sheet_from_the_camelyon16_layout(tmp_path):
     df = build_camelyon16_sheet(root, out)
     back = pd.read_csv(out, sep="\t", dtype=str, keep_default_na=False)
     pd.testing.assert_frame_equal(back, df)
-    assert list(df.columns) == ["slide_id", "path", "annotation", "label", "split"]
+    assert list(df.columns) == ["slide_id", "path", "annotation", "label", "split", "centre"]
     rows = df.set_index("slide_id")
     assert list(rows.index) == [
-        "tumor_001", "tumor_002", "normal_001", "normal_002",
+        "tumor_001", "tumor_002", "tumor_071", "normal_001", "normal_002", "normal_101",
         "test_001", "test_002", "test_003", "test_049",
     ]  # fmt: skip
+    # the two training centres from the file names; the test slides' names do not say
+    centres = rows["centre"].to_dict()
+    assert [centres[s] for s in ("tumor_001", "tumor_071", "normal_002", "normal_101")] == [
+        "RUMC", "UMCU", "RUMC", "UMCU",
+    ]  # fmt: skip
+    assert {centres[s] for s in rows.index if s.startswith("test_")} == {""}
     assert rows.loc["tumor_001", "label"] == "tumor" and rows.loc["tumor_001", "split"] == "train"
     assert rows.loc["tumor_001", "annotation"] == str(
         root / "training/lesion_annotations/tumor_001.xml"
@@ -76,7 +85,7 @@ def test_the_sheet_passes_the_workflow_validation(tmp_path):
     root = fake_camelyon16(tmp_path / "CAMELYON16")
     build_camelyon16_sheet(root, tmp_path / "slides.tsv")
     df = load_samples(tmp_path / "slides.tsv")
-    assert len(df) == 8
+    assert len(df) == 10 and df.loc["tumor_071", "centre"] == "UMCU"
 
 
 def test_test_slides_without_reference_are_unknown(tmp_path):
@@ -129,6 +138,6 @@ def test_cli_sheet(tmp_path, capsys):
     root = fake_camelyon16(tmp_path / "c16")
     out = tmp_path / "slides.tsv"
     assert main(["sheet", "--root", str(root), "--out", str(out)]) == 0
-    assert len(pd.read_csv(out, sep="\t")) == 8
+    assert len(pd.read_csv(out, sep="\t")) == 10
     assert main(["sheet", "--root", str(tmp_path / "missing"), "--out", str(out)]) == 1
     assert "wsiscan sheet: error:" in capsys.readouterr().err

@@ -229,6 +229,13 @@ def test_demo_cohort_plan_covers_every_case() -> None:
         rows = list(csv.DictReader(fh, delimiter="\t"))
     assert [r["split"] for r in rows].count("train") == 10
     assert sum(r["label"] == "tumor" and r["split"] == "test" for r in rows) == 6
+    # centres: training from A and B; testing from A, B and the held-out C, each with both labels
+    assert {r["centre"] for r in rows if r["split"] == "train"} == {"A", "B"}
+    for centre in ("A", "B", "C"):
+        assert {r["label"] for r in rows if r["split"] == "test" and r["centre"] == centre} == {
+            "tumor",
+            "normal",
+        }
     seen: dict[str, int] = {}
     for row in rows:
         sid, label = row["slide_id"], row["label"]

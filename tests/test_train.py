@@ -330,7 +330,7 @@ def test_patch_helpers():
 def test_augmentation_keeps_geometry_and_is_modest():
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (244, 244, 3), dtype=np.uint8)
-    off = TrainRoundParams(brightness=0, contrast=0, saturation=0, hue=0)
+    off = TrainRoundParams(hed_scale=0, hed_shift=0, brightness=0, contrast=0, saturation=0, hue=0)
     seen = set()
     for seed in range(16):
         out = augment_patch(rgb, np.random.default_rng(seed), off)
@@ -338,9 +338,13 @@ def test_augmentation_keeps_geometry_and_is_modest():
         assert sorted(out.ravel().tolist()) == sorted(rgb.ravel().tolist())  # same pixels moved
         seen.add(out.tobytes())
     assert len(seen) >= 5  # flips x rotations
-    jitter = TrainRoundParams(flips=False, rotate90=False)
-    out = augment_patch(rgb, np.random.default_rng(1), jitter).astype(float)
-    assert 0 < np.abs(out - rgb).mean() < 30
+    for colour in (
+        TrainRoundParams(flips=False, rotate90=False),  # HED (the default)
+        TrainRoundParams(flips=False, rotate90=False, hed_scale=0, hed_shift=0, brightness=0.1,
+                         contrast=0.1, saturation=0.1, hue=0.02),  # colour jitter alone
+    ):  # fmt: skip
+        out = augment_patch(rgb, np.random.default_rng(1), colour).astype(float)
+        assert 0 < np.abs(out - rgb).mean() < 30
 
 
 # -- trainer --------------------------------------------------------------------------------------
@@ -726,3 +730,29 @@ def test_a_damaged_slide_in_a_loader_process_is_one_line(cohort, patches, tmp_pa
     cause = json.loads(record.read_text())["cause"]
     assert "\n" not in cause and "DataLoader" not in cause and "cannot read" in cause
     assert not (out / "model.pt").exists()
+
+
+def test_the_stain_reference_travels_with_the_model(cohort, patches, tmp_path):
+    """stain.normalisation macenko: train_round fits the training slides' reference stain and
+    keeps it in model.pt (plain types: loads with weights_only); infer normalises to it."""
+    import h5py
+
+    from wsiscan.formats.checkpoint import read_checkpoint_config, stain_reference
+    from wsiscan.infer import infer
+    from wsiscan.params import InferParams
+
+    model = tmp_path / "model.pt"
+    params = tiny_params(epochs=1, normalisation="macenko", hed_scale=0.0, hed_shift=0.0)
+    train_round(patches, model, tmp_path / "m.json", tmp_path / "loss.png", params, round_index=1)
+    torch.load(model, weights_only=True)
+    meta = read_checkpoint_config(model)["meta"]
+    assert meta["stain"]["normalisation"] == "macenko"
+    assert sorted(meta["stain"]["slides"]) == sorted(COHORT)
+    reference = stain_reference(read_checkpoint_config(model), model)
+    assert reference.he_od.shape == (3, 2) and (reference.max_conc > 0).all()
+    s = cohort["slides"]["t1"]
+    infer_params = InferParams(device="cpu", workers=0, batch_size=4)
+    infer(s["tif"], s["rois"], model, tmp_path / "tiles.h5", infer_params, slide_id="t1")
+    with h5py.File(tmp_path / "tiles.h5") as f:
+        assert f.attrs["stain_normalisation"] == "macenko"
+        assert "reference" in json.loads(f.attrs["stain_fit_json"])

@@ -90,6 +90,8 @@ STAGES: dict[str, Stage] = {
     for s in (
         Stage("synth_slide", "synth", "Write one synthetic H&E-like pyramidal TIFF and its ASAP XML.", (
             Arg("label", "slide label", type=str, choices=("tumor", "normal")),
+            Arg("centre", "demo centre of the slide's stain and scanner (A, B or C; empty: none)",
+                type=str, optional=True, default=""),
             Arg("out_slide", "pyramidal .tif to write"),
             Arg("out_xml", "ASAP XML of the tumour polygons to write"),
         )),
@@ -269,8 +271,9 @@ def run_stage(stage: Stage, args: argparse.Namespace) -> Any:
 def _add_tools(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sheet",
-        help="Build the sample sheet (slides.tsv) of a Camelyon16 download (--root) or of a "
-        "folder of slides of a new cohort, labels unknown (--folder).",
+        help="Build the sample sheet (slides.tsv) of a Camelyon16 download (--root; centre RUMC/UMCU "
+        "for the training slides, from their numbers) or of a folder of slides of a new cohort, "
+        "labels unknown (--folder).",
     )
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--root", type=Path, help="Camelyon16 folder holding training/, testing/")

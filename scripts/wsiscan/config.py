@@ -64,6 +64,11 @@ OPTIONAL_COLUMNS: dict[str, OptionalColumn] = {
         "the slide's true size category, to evaluate the predicted ones (and the pN stages)",
         choices=("negative", "itc", "micro", "macro"),
     ),
+    "centre": OptionalColumn(
+        "the centre (lab, scanner) the slide comes from: the evaluation reports each centre's "
+        "metrics too; demo slides take their stain and scanner from it",
+        pattern=r"[A-Za-z0-9._-]+",
+    ),
 }
 DEMO_DIR = "data/demo"
 GENERATED = "Generated from wsiscan.params.SETTINGS by `wsiscan config-docs`: do not edit."

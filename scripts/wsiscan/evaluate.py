@@ -588,6 +588,7 @@ class SlideResult:
     mpp: float
     slide_wh: tuple[int, int]
     model_checksum: str | None
+    centre: str = ""  # the sheet's optional centre column
 
 
 def _read_slide(row: dict, results_dir: Path, submission: Path | None = None) -> SlideResult:
@@ -608,6 +609,7 @@ def _read_slide(row: dict, results_dir: Path, submission: Path | None = None) ->
         mpp=float(attrs["mpp"]),
         slide_wh=(int(attrs["slide_width"]), int(attrs["slide_height"])),
         model_checksum=rec.get("model_checksum") or attrs.get("model_checksum"),
+        centre=row.get("centre", ""),
     )
 
 
@@ -820,7 +822,7 @@ def read_cohort(
 
 SLIDE_COLUMNS = (
     "slide_id", "label", "score", "n_lesions", "n_detections", "tp", "fp", "itc_hits", "n_itc",
-    "in_froc",
+    "in_froc", "centre",
 )  # fmt: skip
 
 
@@ -869,6 +871,7 @@ def match_cohort(
                 "itc_hits": sf.itc_hits if sf else None,
                 "n_itc": sf.n_itc if sf else None,
                 "in_froc": in_froc,
+                "centre": res.centre,
             }
         )
     counts = ("n_lesions", "tp", "fp", "itc_hits", "n_itc")
@@ -1021,6 +1024,47 @@ def evaluate(
     return metrics
 
 
+NO_CENTRE = "(no centre)"
+
+
+def centre_metrics(
+    results: list[SlideResult],
+    froc_slides: list[SlideFROC],
+    *,
+    fp_on_negative_only: bool = False,
+    interpolation: str = "linear",
+) -> dict[str, dict[str, Any]]:
+    """The cohort figures of each centre (the sheet's ``centre`` column) on its own slides:
+    ``{centre: {n_slides, n_tumor, n_normal, auc, froc, fp_per_normal_slide, sensitivity_at_fp,
+    n_lesions}}``, the FROC's false positives per slide counted over the centre's slides. Slides
+    without a centre form ``"(no centre)"`` when other slides have one; ``{}`` when none has."""
+    if not any(r.centre for r in results):
+        return {}
+    by_id = {sf.slide_id: sf for sf in froc_slides}
+    out: dict[str, dict[str, Any]] = {}
+    for centre in sorted({r.centre or NO_CENTRE for r in results}):
+        mine = [r for r in results if (r.centre or NO_CENTRE) == centre]
+        slides = [by_id[r.slide_id] for r in mine if r.slide_id in by_id]
+        y = np.array([r.label == "tumor" for r in mine], dtype=np.int64)
+        auc = slide_auc(y, np.array([r.score for r in mine], dtype=np.float64))
+        froc = cohort_froc(
+            slides, fp_on_negative_only=fp_on_negative_only, interpolation=interpolation
+        )
+        out[centre] = {
+            "n_slides": len(mine),
+            "n_tumor": int(y.sum()),
+            "n_normal": int(len(y) - y.sum()),
+            "auc": _json_float(auc),
+            "froc": _json_float(froc["score"]) if froc else None,
+            "fp_per_normal_slide": fp_per_normal_slide(mine),
+            "sensitivity_at_fp": {
+                f"{r:g}": (float(froc["at"][k]) if froc else None) for k, r in enumerate(FROC_RATES)
+            },
+            "n_lesions": int(sum(sf.n_lesions for sf in slides)),
+        }
+    return out
+
+
 def fp_per_normal_slide(results: list[SlideResult]) -> float | None:
     """Mean number of lesion points per normal slide: each one a false positive (at the
     detection threshold). None without normal slides."""
@@ -1080,6 +1124,12 @@ def cohort_metrics(
         "excluded": sorted(set(params.exclude) & {r.slide_id for r in results}),
         "missing": missing,
         "bootstrap": {k: boot[k] for k in ("n", "seed", "n_valid_auc", "n_valid_froc")},
+        "centres": centre_metrics(
+            results,
+            froc_slides,
+            fp_on_negative_only=params.fp_on_negative_only,
+            interpolation=params.interpolation,
+        ),  # fmt: skip
         "config": {
             "split": params.split,
             "exclude": list(params.exclude),

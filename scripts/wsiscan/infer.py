@@ -7,6 +7,10 @@ the device by :func:`wsiscan.model.to_tensor`. :func:`iter_dense_tiles` is that 
 writes what it yields into ``tiles.h5`` (:mod:`wsiscan.formats.tiles`), and hard-negative mining
 (:mod:`wsiscan.mining`) consumes the same loop.
 
+Stain normalisation: a model trained on stain-normalised slides keeps its reference stain
+(:mod:`wsiscan.stain`); each slide is then fitted once and every block is mapped to the reference
+as it is read, in the loader workers (a per-pixel map: the blocks equal the normalised patches).
+
 Exactness: in float32 (``amp`` false, the default) the tiles equal the patch classifier at stride
 ``Sd`` up to float32 rounding; TF32 is switched off for the run on CUDA. ``amp`` runs the network
 under autocast (bfloat16 where the GPU supports it, else float16) and is faster but not exact.
@@ -54,16 +58,23 @@ class BlockDataset(Dataset):
     The slide is opened lazily in each process that reads (DataLoader workers included), so the
     dataset pickles and forks cleanly. A read error does not raise inside the worker (where it
     would lose its type); it comes back as the item's ``error`` text and the consumer raises
-    :class:`SlideError`.
+    :class:`SlideError`. ``stain``: a :class:`wsiscan.stain.StainMap` applied to every block.
     """
 
     def __init__(
-        self, slide_path: str | Path, level0_xy: np.ndarray, block_side: int, *, slide_id: str
+        self,
+        slide_path: str | Path,
+        level0_xy: np.ndarray,
+        block_side: int,
+        *,
+        slide_id: str,
+        stain: Any = None,
     ) -> None:
         self.slide_path = str(slide_path)
         self.level0_xy = np.asarray(level0_xy, dtype=np.int64).reshape(-1, 2)
         self.block_side = int(block_side)
         self.slide_id = slide_id
+        self.stain = stain
         self._slide: Slide | None = None
         self._pid: int | None = None
 
@@ -81,6 +92,8 @@ class BlockDataset(Dataset):
         side = self.block_side
         try:
             rgb = self._open().read_rgb((x, y), 0, (side, side))
+            if self.stain is not None:
+                rgb = self.stain(rgb)
             error = ""
         except SlideError as exc:
             rgb = np.zeros((side, side, 3), np.uint8)
@@ -261,6 +274,7 @@ def iter_dense_tiles(
     dense_mode: str,
     timing: ScanTiming | None = None,
     config_keys: tuple[str, str] = ("infer.batch_size", "infer.workers"),
+    stain: Any = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Dense tiles of every block of ``grid``, in order: yields ``(first block index, float32
     tiles (k, T, T))`` per batch.
@@ -277,13 +291,16 @@ def iter_dense_tiles(
     outlives a batch (the previous batch's input, its tiles held for the next iteration) sits in
     the middle of the freed activations and pushes the next batch's above it: the heap then grew
     with the slide. A consumer should drop each batch's tiles before asking for the next.
+
+    ``stain``: the slide's stain map (the model's reference), applied to every block as it is
+    read.
     """
     from .faults import worker_batches
 
     timing = timing or ScanTiming()
     n_blocks = grid.n_blocks
     dataset = BlockDataset(
-        slide_path, grid.level0_xy, grid.geometry.block_side, slide_id=grid.slide_id
+        slide_path, grid.level0_xy, grid.geometry.block_side, slide_id=grid.slide_id, stain=stain
     )
     loader = DataLoader(
         dataset,
@@ -353,6 +370,25 @@ def _rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
 
+def slide_stain(
+    model_path: str | Path, slide_path: str | Path, slide_id: str
+) -> tuple[Any, dict[str, Any]]:
+    """The slide's stain map onto the model's reference (None when the model has none) and the
+    ``tiles.h5`` attributes that record it (``stain_normalisation``, ``stain_fit_json``)."""
+    import json
+
+    from .stain import model_stain_map
+
+    stain = model_stain_map(str(model_path), str(slide_path), slide_id)
+    if stain is None:
+        return None, {"stain_normalisation": "none"}
+    log.info("%s: stain normalised to the model's reference (%s)", slide_id, stain.describe())
+    return stain, {
+        "stain_normalisation": "macenko",
+        "stain_fit_json": json.dumps(stain.describe()),
+    }
+
+
 def _check_settings(params: InferParams, device: torch.device, slide_id: str) -> bool:
     """Whether mixed precision is used (only on CUDA; a warning otherwise)."""
     if params.amp and device.type != "cuda":
@@ -385,6 +421,7 @@ def infer(
     device = resolve_device(params.device)
     amp = _check_settings(params, device, slide_id)
     net, model_attrs = load_scan_model(model, grid.geometry, device)
+    stain, stain_attrs = slide_stain(model, slide, slide_id)
     geometry = grid.geometry
     log.info(
         "%s: %d blocks of %d px -> tiles %dx%d at stride %d px (model %s width %g, %s, %s%s)",
@@ -402,7 +439,10 @@ def infer(
     )
     timing = ScanTiming()
     write_s = 0.0
-    provenance = {**model_attrs, "dense_mode": params.dense_mode, "amp": amp, "device": device.type}
+    provenance = {
+        **model_attrs, **stain_attrs, "dense_mode": params.dense_mode, "amp": amp,
+        "device": device.type,
+    }  # fmt: skip
     try:
         with (
             write_tiles(out_tiles, grid, provenance, params.tile_dtype) as out,
@@ -418,6 +458,7 @@ def infer(
                 amp=amp,
                 dense_mode=params.dense_mode,
                 timing=timing,
+                stain=stain,
             ):
                 t0 = time.perf_counter()
                 out.write(start, tiles)

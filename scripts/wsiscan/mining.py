@@ -184,9 +184,11 @@ def mine_slide(
     device: Any,
     keep: int,
     rng: np.random.Generator,
+    stain: Any = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Scan ``grid``'s blocks; return ``(centres, probabilities, n_false_positive_cells)`` with at
-    most ``keep`` centres chosen uniformly among the slide's false-positive cells."""
+    most ``keep`` centres chosen uniformly among the slide's false-positive cells. ``stain``: the
+    slide's map onto the model's stain reference (None: as scanned)."""
     from .infer import iter_dense_tiles
 
     reservoir = _Reservoir(keep, rng)
@@ -200,6 +202,7 @@ def mine_slide(
         amp=params.amp and device.type == "cuda",
         dense_mode=params.dense_mode,
         config_keys=("train.mine.batch_size", "train.mine.workers"),
+        stain=stain,
     )
     for start, batch in tiles:
         xy, prob = cells_above(
@@ -237,8 +240,12 @@ def mine_slides(
     params: MineNegativesParams,
     device: Any,
     round_index: int,
+    model_path: str | Path | None = None,
 ) -> tuple[list[dict[str, Any]], list[tuple[np.ndarray, np.ndarray]]]:
-    """Mine every slide of ``table``: per-slide records and the kept ``(centres, probabilities)``."""
+    """Mine every slide of ``table``: per-slide records and the kept ``(centres, probabilities)``.
+    A model with a stain reference (``model_path``) sees every slide normalised to it."""
+    from .stain import model_stain_map
+
     per_slide, found = [], []
     for i, sid in enumerate(table.slide_id):
         t_slide = time.perf_counter()
@@ -249,9 +256,11 @@ def mine_slides(
         )
         tumour = slide_tumour_distance(table, i, grid, params)
         rng = stable_rng(params.seed, round_index, "mine", sid)
+        stain = model_stain_map(str(model_path), table.slide_path[i], sid) if model_path else None
         xy, prob, n_fp = mine_slide(
-            net, table.slide_path[i], grid, tumour, params, device, params.max_per_slide, rng
-        )
+            net, table.slide_path[i], grid, tumour, params, device, params.max_per_slide, rng,
+            stain,
+        )  # fmt: skip
         found.append((xy, prob))
         area_mm2 = n_fp * (grid.geometry.Sd * grid.mpp / 1000.0) ** 2
         per_slide.append(
@@ -325,7 +334,7 @@ def mine_negatives(
     torch.set_num_threads(int(params.threads))
     try:
         net, model_attrs = load_scan_model(model, grids[table.slide_id[0]].geometry, device)
-        per_slide, found = mine_slides(net, table, grids, params, device, round_index)
+        per_slide, found = mine_slides(net, table, grids, params, device, round_index, model)
     finally:
         torch.set_num_threads(saved_threads)
     xy_parts, prob_parts = cap_per_round(found, table, params, round_index)

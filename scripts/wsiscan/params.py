@@ -170,8 +170,12 @@ SECTIONS: dict[str, str] = {
     "patients.tsv, staging.json",
     "train": "training rounds with hard-negative mining between them (rules train_patches, "
     "train_round, mine_negatives)",
-    "train.augment": "patch augmentation in the training loader (rule train_round)",
+    "train.augment": "patch augmentation in the training loader's worker processes (rule "
+    "train_round): flips, rotations, HED stain augmentation (Tellez et al. 2018) and colour jitter",
     "train.mine": "hard-negative mining with each round's model (rule mine_negatives)",
+    "stain": "stain normalisation (Macenko): the reference stain is fitted on the training slides "
+    "by train_round and stored in model.pt; infer and mine_negatives normalise every slide to it "
+    "exactly when the model holds one",
 }
 
 #: Every config key, in config-file order.
@@ -380,14 +384,20 @@ SETTINGS: dict[str, Setting] = {
            "(training and mining)", **_DEVICE),
         _s("train.augment.flips", bool, True, "random horizontal flips"),
         _s("train.augment.rotate90", bool, True, "random 90-degree rotations"),
-        _s("train.augment.brightness", float, 0.1, "brightness factor drawn from 1 +- this",
-           **_FRACTION),
-        _s("train.augment.contrast", float, 0.1, "contrast factor drawn from 1 +- this",
-           **_FRACTION),
-        _s("train.augment.saturation", float, 0.1, "saturation factor drawn from 1 +- this",
-           **_FRACTION),
-        _s("train.augment.hue", float, 0.02, "hue shift drawn from +- this", unit="turns",
-           minimum=0.0, maximum=0.5),
+        _s("train.augment.hed_scale", float, 0.3, "HED stain augmentation (Tellez et al. 2018): "
+           "each stain amount of a patch (haematoxylin, eosin, residual) is multiplied by a "
+           "factor drawn from 1 +- this; 0 with hed_shift 0: off", minimum=0.0, maximum=1.0,
+           exclusive="max"),
+        _s("train.augment.hed_shift", float, 0.1, "... and shifted by an optical density drawn "
+           "from +- this (covers white balance too)", unit="OD", minimum=0.0, maximum=1.0),
+        _s("train.augment.brightness", float, 0.0, "colour jitter (optional): brightness factor "
+           "drawn from 1 +- this", **_FRACTION),
+        _s("train.augment.contrast", float, 0.0, "colour jitter: contrast factor drawn from "
+           "1 +- this", **_FRACTION),
+        _s("train.augment.saturation", float, 0.0, "colour jitter: saturation factor drawn from "
+           "1 +- this", **_FRACTION),
+        _s("train.augment.hue", float, 0.0, "colour jitter: hue shift drawn from +- this",
+           unit="turns", minimum=0.0, maximum=0.5),
         _s("train.mine.threshold", float, 0.5, "map cells above this tumour probability outside "
            "tumour are false positives", minimum=0.0, maximum=1.0, exclusive="max"),
         _s("train.mine.margin_um", float, 75.0, "... when at least this far from tumour (the "
@@ -405,6 +415,11 @@ SETTINGS: dict[str, Setting] = {
            runtime=True),
         _s("train.mine.workers", int, 1, "block-reading processes", minimum=0, maximum=256,
            runtime=True),
+        # -- stain --
+        _s("stain.normalisation", str, "none", "macenko: train on slides normalised to the "
+           "training cohort's reference stain (fitted per slide on a sample of its stained "
+           "pixels), which model.pt keeps, so inference on any cohort normalises to it; none: "
+           "train on the slides as scanned", choices=("none", "macenko")),
     )
 }  # fmt: skip
 
@@ -676,10 +691,13 @@ class TrainRoundParams(StageParams):
     val_patches: int = key()
     flips: bool = key("train.augment.flips")
     rotate90: bool = key("train.augment.rotate90")
+    hed_scale: float = key("train.augment.hed_scale")
+    hed_shift: float = key("train.augment.hed_shift")
     brightness: float = key("train.augment.brightness")
     contrast: float = key("train.augment.contrast")
     saturation: float = key("train.augment.saturation")
     hue: float = key("train.augment.hue")
+    normalisation: str = key("stain.normalisation")
     amp: bool = key()
     seed: int = key()
     workers: int = key()

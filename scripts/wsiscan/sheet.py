@@ -13,6 +13,12 @@ Training slides take their label from their folder, test slides from the referen
 case-insensitively: ``Test_001`` names ``test_001.tif``); a test slide the reference does not list
 is ``unknown``. The slide ID is the file stem. Paths are written as ``root`` was given (give an
 absolute ``root`` for a sheet that works from any directory).
+
+The ``centre`` column comes from the training file names (:func:`camelyon16_centre`): Camelyon16's
+training slides were scanned at two centres, Radboud UMC (``RUMC``: ``tumor_001``-``tumor_070``,
+``normal_001``-``normal_100``) and UMC Utrecht (``UMCU``: ``tumor_071``-``tumor_111``,
+``normal_101``-``normal_160``). The test slides come from both, but their names do not say which:
+their centre is left empty.
 """
 
 from __future__ import annotations
@@ -20,11 +26,12 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import re
 from pathlib import Path
 
 import pandas as pd
 
-from .config import SHEET_COLUMNS as COLUMNS
+from .config import SHEET_COLUMNS
 from .errors import ConfigError
 from .fileio import atomic_write
 from .slide import check_slide_id
@@ -32,6 +39,9 @@ from .slide import check_slide_id
 log = logging.getLogger(__name__)
 
 SLIDE_SUFFIXES = (".tif", ".tiff")
+COLUMNS = [*SHEET_COLUMNS, "centre"]
+#: Camelyon16 training slides: (kind, last number of the first centre, first centre, second).
+_CAMELYON16_CENTRES = {"tumor": (70, "RUMC", "UMCU"), "normal": (100, "RUMC", "UMCU")}
 _LABEL_WORDS = {"tumor": "tumor", "tumour": "tumor", "normal": "normal", "negative": "normal"}
 
 
@@ -93,8 +103,9 @@ def build_camelyon16_sheet(
 ) -> pd.DataFrame:
     """Sample sheet of a Camelyon16 download at ``root``; written to ``out_tsv`` (atomically).
 
-    Columns ``slide_id, path, annotation, label, split`` (annotation empty when there is none;
-    label ``tumor``/``normal``/``unknown``; split ``train``/``test``). ``reference_csv`` defaults
+    Columns ``slide_id, path, annotation, label, split, centre`` (annotation empty when there is
+    none; label ``tumor``/``normal``/``unknown``; split ``train``/``test``; centre ``RUMC``/``UMCU``
+    for the training slides, empty for the test slides). ``reference_csv`` defaults
     to ``root/testing/reference.csv``. Raises :class:`ConfigError` on an invalid or repeated
     slide ID, or when no slide is found.
     """
@@ -146,6 +157,16 @@ def build_camelyon16_sheet(
     return df
 
 
+def camelyon16_centre(stem: str) -> str:
+    """The centre of a Camelyon16 training slide from its file stem (``tumor_071`` -> ``UMCU``);
+    ``""`` for any other name (the test slides)."""
+    found = re.fullmatch(r"(tumor|normal)_(\d{3})", stem.lower())
+    if not found:
+        return ""
+    last_first, first, second = _CAMELYON16_CENTRES[found.group(1)]
+    return first if int(found.group(2)) <= last_first else second
+
+
 def _row(path: Path, annotation: Path | None, label: str, split: str) -> dict[str, str]:
     try:
         sid = check_slide_id(path.stem)
@@ -157,6 +178,7 @@ def _row(path: Path, annotation: Path | None, label: str, split: str) -> dict[st
         "annotation": str(annotation) if annotation else "",
         "label": label,
         "split": split,
+        "centre": camelyon16_centre(sid) if split == "train" else "",
     }
 
 

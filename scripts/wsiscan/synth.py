@@ -23,6 +23,17 @@ Appearance (Beer-Lambert mix of haematoxylin and eosin optical densities):
   lymphocytes. A model trained on random patches scores them as tumour at first; hard-negative
   mining is what teaches it the difference.
 
+Acquisition (the method notes' third problem): a slide may belong to a *centre*
+(:data:`DEMO_CENTRES`, the sheet's ``centre`` column), a lab with its own stain (haematoxylin and
+eosin optical densities per unit stain and stain amounts) and its own scanner (white balance of the
+light, optical blur, pixel noise, JPEG quality). The demo cohort trains on centres ``A`` and ``B``
+and tests on those and on ``C``, whose stain lies outside theirs: paler, bluer haematoxylin and
+stronger, more orange eosin, a warm white balance, a softer and noisier scan, stronger JPEG
+compression (in the spirit of Camelyon17's five centres, whose slides range from pale pink to dark
+purple). A slide without a centre has the look every demo slide had before centres existed. The
+centre changes pixels only: the tissue, lesions and annotations of a slide are the same in every
+centre.
+
 Lesions (tumour slides): macro-metastases (0.8-1.5 mm major axis on demo-size slides, up to 4 mm on
 Camelyon-size ones), micro-metastases (0.3-0.8 mm), ITC-sized clusters (major axis 50-150 um, so
 < 275 um after the evaluation's 75 um growth), some touching the tissue border (clipped to the
@@ -86,6 +97,64 @@ TUMOUR_FIBRE_FACTOR = 0.70  # tumour nests show less collagen
 TUMOUR_E_FACTOR = 0.92  # tumour stroma: slightly paler ...
 TUMOUR_H_ADD = 0.04  # ... and a little more purple (cytoplasm)
 PIXEL_NOISE_OD = 0.018
+WHITE_RGB = (241.0, 240.0, 243.0)  # light through the glass (white balance)
+
+
+@dataclass(frozen=True)
+class Centre:
+    """A lab of the demo cohort: its stain and its scanner.
+
+    ``h_od``/``e_od``: optical density (natural log, per RGB channel) of one unit of haematoxylin
+    / eosin; ``h_amount``/``e_amount`` scale every stain amount of the slide (staining time,
+    dye concentration, section thickness); ``white_rgb``: the light through bare glass (white
+    balance); ``blur_um``: Gaussian sigma of the optics; ``noise_od``: pixel noise (optical
+    density); ``jpeg_quality``: the scanner's JPEG quality. Each slide varies a little around its
+    centre (about +-8% stain amount, +-0.02 optical density per channel, +-3 grey levels of white).
+    """
+
+    name: str
+    h_od: tuple[float, float, float] = tuple(H_OD)
+    e_od: tuple[float, float, float] = tuple(E_OD)
+    h_amount: float = 1.0
+    e_amount: float = 1.0
+    white_rgb: tuple[float, float, float] = WHITE_RGB
+    blur_um: float = 0.0
+    noise_od: float = PIXEL_NOISE_OD
+    jpeg_quality: int = JPEG_QUALITY
+
+
+#: The look of a slide without a centre (every demo slide before centres existed).
+NO_CENTRE = Centre("")
+#: The demo cohort's centres: A and B train, C (a stain outside theirs) is held out.
+DEMO_CENTRES: dict[str, Centre] = {
+    c.name: c
+    for c in (
+        Centre("A", blur_um=0.15, jpeg_quality=90),
+        Centre(
+            "B", h_od=(0.54, 0.78, 0.32), e_od=(0.08, 0.86, 0.42), h_amount=1.15,
+            e_amount=0.9, white_rgb=(238.0, 240.0, 245.0), blur_um=0.25, noise_od=0.015,
+            jpeg_quality=92,
+        ),
+        Centre(
+            "C", h_od=(0.76, 0.66, 0.20), e_od=(0.02, 0.80, 0.62), h_amount=0.7,
+            e_amount=1.3, white_rgb=(247.0, 238.0, 224.0), blur_um=0.35, noise_od=0.025,
+            jpeg_quality=75,
+        ),
+    )
+}  # fmt: skip
+
+
+def demo_centre(name: str, slide_id: str = "") -> Centre:
+    """The centre called ``name`` (``""``: :data:`NO_CENTRE`); :class:`ConfigError` otherwise."""
+    if not name:
+        return NO_CENTRE
+    try:
+        return DEMO_CENTRES[name]
+    except KeyError:
+        raise ConfigError(
+            f"synth {slide_id}: unknown demo centre {name!r}; the demo centres are "
+            f"{', '.join(DEMO_CENTRES)} (or none)"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -203,8 +272,12 @@ class SlidePlan:
     artefacts: list[Artefact] = field(default_factory=list)
     h_od: np.ndarray = field(default_factory=lambda: H_OD.copy())
     e_od: np.ndarray = field(default_factory=lambda: E_OD.copy())
-    background_rgb: np.ndarray = field(default_factory=lambda: np.array([241.0, 240.0, 243.0]))
+    background_rgb: np.ndarray = field(default_factory=lambda: np.array(WHITE_RGB))
     fibre_angles: tuple[float, float] = (0.0, 1.0)
+    centre: str = ""
+    blur_px: float = 0.0  # Gaussian sigma of the scanner optics (level-0 pixels)
+    noise_od: float = PIXEL_NOISE_OD
+    jpeg_quality: int = JPEG_QUALITY
 
     def annotations(self) -> list[Annotation]:
         """The ASAP annotations of this slide: tumour polygons, then ``_2`` exclusions."""
@@ -444,12 +517,15 @@ def plan_slide(
     height_px: int,
     mpp: float,
     size_jitter: float = SETTINGS["demo.size_jitter"].default,
+    centre: str = "",
 ) -> SlidePlan:
     """Plan one synthetic slide (no pixels yet): deterministic from ``(seed, slide_id)``.
 
     ``width_px``/``height_px`` are level-0 sizes around which the slide varies by
     ``+-size_jitter`` (then made odd, so no level is an exact halving); ``mpp`` in um/px.
-    ``label`` is ``tumor`` (lesions planned) or ``normal``.
+    ``label`` is ``tumor`` (lesions planned) or ``normal``. ``centre`` (a key of
+    :data:`DEMO_CENTRES`, or empty) sets the stain and the scanner; the rest of the plan does not
+    depend on it.
     """
     try:
         check_slide_id(slide_id)
@@ -461,6 +537,7 @@ def plan_slide(
         raise ConfigError(f"synth {slide_id}: mpp must be positive, got {mpp}")
     if not 0 <= size_jitter < 1:
         raise ConfigError(f"synth {slide_id}: size jitter must be in [0, 1), got {size_jitter}")
+    lab = demo_centre(centre, slide_id)
     s_int = slide_seed(seed, slide_id)
     rng = np.random.default_rng([s_int, 0])
     w, h = int(width_px), int(height_px)
@@ -502,12 +579,16 @@ def plan_slide(
         tissue_pieces=pieces,
         tissue_fraction=fraction,
     )
-    # slide-level stain and scanner variation
-    h_od = H_OD * rng.uniform(0.92, 1.08) + rng.normal(0, 0.02, 3)
-    e_od = E_OD * rng.uniform(0.88, 1.12) + rng.normal(0, 0.02, 3)
+    # slide-level stain and scanner variation around the centre's (the same draws in every centre)
+    h_od = np.asarray(lab.h_od) * lab.h_amount * rng.uniform(0.92, 1.08) + rng.normal(0, 0.02, 3)
+    e_od = np.asarray(lab.e_od) * lab.e_amount * rng.uniform(0.88, 1.12) + rng.normal(0, 0.02, 3)
     plan.h_od = np.clip(h_od, 0.01, None)
     plan.e_od = np.clip(e_od, 0.01, None)
-    plan.background_rgb = np.array([241.0, 240.0, 243.0]) + rng.uniform(-3, 2, 3)
+    plan.background_rgb = np.array(lab.white_rgb) + rng.uniform(-3, 2, 3)
+    plan.centre = lab.name
+    plan.blur_px = lab.blur_um / plan.mpp
+    plan.noise_od = lab.noise_od
+    plan.jpeg_quality = lab.jpeg_quality
     plan.fibre_angles = (float(rng.uniform(0, np.pi)), float(rng.uniform(0, np.pi)))
 
     occupied = np.zeros(shape, dtype=bool)
@@ -844,9 +925,12 @@ class SlideRenderer:
         ]
         self.edge = _Periodic(_periodic_texture(rng, TEXTURE_PERIOD_PX, mpp, 3.0, 3.0, 0.0))
         self.blotch = _Periodic(BLOTCH_AMP * self.edge.tex)
-        noise = PIXEL_NOISE_OD * rng.standard_normal((NOISE_PERIOD_PX, NOISE_PERIOD_PX))
+        noise = plan.noise_od * rng.standard_normal((NOISE_PERIOD_PX, NOISE_PERIOD_PX))
         self.noise = _Periodic(noise.astype(np.float32))
         self.background = plan.background_rgb.astype(np.float32)[:, None, None]
+        # the scanner's optics: a Gaussian blur, computed on a margin wide enough that every
+        # output pixel sees all of its kernel (so regions still tile seamlessly)
+        self.blur_margin = int(4.0 * plan.blur_px + 0.5) + 1 if plan.blur_px > 0 else 0
         self.sprites = {k.name: _sprites(rng, k, mpp) for k in KINDS}
         self.spacing_px = {k.name: k.spacing_um / mpp for k in KINDS}
         self.pad = max(s[0].shape[1] for s in self.sprites.values()) // 2 + 1
@@ -981,6 +1065,19 @@ class SlideRenderer:
         """RGB uint8 ``(h, w, 3)`` of the level-0 region at ``level0_xy`` of ``size = (w, h)``."""
         x0, y0 = (int(v) for v in level0_xy)
         w, h = (int(v) for v in size)
+        m = self.blur_margin
+        light = self._light(x0 - m, y0 - m, w + 2 * m, h + 2 * m)
+        if m:
+            sigma = self.plan.blur_px
+            for axis in (1, 2):
+                light = ndimage.gaussian_filter1d(light, sigma, axis=axis, truncate=4.0)
+            light = light[:, m : m + h, m : m + w]
+        light += 0.5
+        np.minimum(light, 255.0, out=light)
+        return np.ascontiguousarray(light.astype(np.uint8).transpose(1, 2, 0))
+
+    def _light(self, x0: int, y0: int, w: int, h: int) -> np.ndarray:
+        """Transmitted light ``(3, h, w)`` float32 of a level-0 region (before the optics)."""
         plan = self.plan
         p = self.pad
         od = np.empty((3, h, w), np.float32)
@@ -1008,9 +1105,7 @@ class SlideRenderer:
         np.negative(od, out=od)
         np.exp(od, out=od)
         od *= self.background
-        od += 0.5
-        np.minimum(od, 255.0, out=od)
-        return np.ascontiguousarray(od.astype(np.uint8).transpose(1, 2, 0))
+        return od
 
     def _render_tissue(self, od: np.ndarray, x0: int, y0: int, w: int, h: int) -> None:
         """Add stroma and nuclei optical densities of a region to ``od``."""
@@ -1080,23 +1175,25 @@ class SlideRenderer:
 
 
 # -- pyramid writer ------------------------------------------------------------------------------
-def _encode_tile(tile: np.ndarray) -> bytes:
+def _encode_tile(tile: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
     if tile.shape[0] != TILE_PX or tile.shape[1] != TILE_PX:
         full = np.full((TILE_PX, TILE_PX, 3), 255, np.uint8)
         full[: tile.shape[0], : tile.shape[1]] = tile
         tile = full
     return imagecodecs.jpeg8_encode(
         tile,
-        level=JPEG_QUALITY,
+        level=quality,
         colorspace="RGB",
         outcolorspace="YCBCR",
         subsampling=JPEG_SUBSAMPLING,
     )
 
 
-def _encode_row(strip: np.ndarray) -> list[bytes]:
+def _encode_row(strip: np.ndarray, quality: int = JPEG_QUALITY) -> list[bytes]:
     """JPEG tiles of one tile row (``<= TILE_PX`` rows), left to right."""
-    return [_encode_tile(strip[:, x : x + TILE_PX]) for x in range(0, strip.shape[1], TILE_PX)]
+    return [
+        _encode_tile(strip[:, x : x + TILE_PX], quality) for x in range(0, strip.shape[1], TILE_PX)
+    ]
 
 
 def _halve(strip: np.ndarray, out_w: int) -> np.ndarray:
@@ -1117,8 +1214,11 @@ def _halve(strip: np.ndarray, out_w: int) -> np.ndarray:
 class _LevelSink:
     """Collects rows of one reduced level, spools its JPEG tile rows, and feeds the next level."""
 
-    def __init__(self, size: tuple[int, int], spool, nxt: _LevelSink | None) -> None:
+    def __init__(
+        self, size: tuple[int, int], spool, nxt: _LevelSink | None, quality: int = JPEG_QUALITY
+    ) -> None:
         self.w, self.h = size
+        self.quality = quality
         self.spool = spool
         self.next = nxt
         self.buf = np.empty((TILE_PX, self.w, 3), np.uint8)
@@ -1137,7 +1237,7 @@ class _LevelSink:
 
     def _flush(self) -> None:
         strip = self.buf[: self.fill]
-        for data in _encode_row(strip):
+        for data in _encode_row(strip, self.quality):
             self.tiles.append((self.spool.tell(), len(data)))
             self.spool.write(data)
         if self.next is not None:
@@ -1177,7 +1277,7 @@ def write_pyramid(
             cw = min(CHUNK_PX, w0 - x)
             pixels = renderer.render((x, y), (cw, rows))
             for i, r in enumerate(range(0, rows, TILE_PX)):
-                tile_rows[i].extend(_encode_row(pixels[r : r + TILE_PX]))
+                tile_rows[i].extend(_encode_row(pixels[r : r + TILE_PX], plan.jpeg_quality))
             if half is not None:
                 half[:, x // 2 : x // 2 + (cw + 1) // 2] = _halve(pixels, (cw + 1) // 2)
         return half, [tile for row in tile_rows for tile in row]
@@ -1186,7 +1286,7 @@ def write_pyramid(
         sinks: list[_LevelSink] = []
         nxt = None
         for size in reversed(sizes[1:]):
-            nxt = _LevelSink(size, spool, nxt)
+            nxt = _LevelSink(size, spool, nxt, plan.jpeg_quality)
             sinks.insert(0, nxt)
         first = sinks[0] if sinks else None
         strips = range(0, h0, STRIP_PX)
@@ -1221,11 +1321,19 @@ def write_pyramid(
             return level0_tiles() if level == 0 else sinks[level - 1].read_tiles()
 
         with atomic_write(out) as fh:
-            write_pages(fh, sizes, gen_page, plan.mpp, bigtiff, description)
+            write_pages(fh, sizes, gen_page, plan.mpp, bigtiff, description, plan.jpeg_quality)
     return out.stat().st_size
 
 
-def write_pages(out: Any, sizes, gen_page, mpp: float, bigtiff: bool, description: str) -> None:
+def write_pages(
+    out: Any,
+    sizes,
+    gen_page,
+    mpp: float,
+    bigtiff: bool,
+    description: str,
+    quality: int = JPEG_QUALITY,
+) -> None:
     """One tiled JPEG page per level (pre-encoded tiles), resolution tags in pixels per cm."""
     w0, h0 = sizes[0]
     with tifffile.TiffWriter(out, bigtiff=bigtiff) as tif:
@@ -1238,7 +1346,7 @@ def write_pages(out: Any, sizes, gen_page, mpp: float, bigtiff: bool, descriptio
                 photometric="rgb",
                 tile=(TILE_PX, TILE_PX),
                 compression="jpeg",
-                compressionargs={"level": JPEG_QUALITY},
+                compressionargs={"level": quality},
                 subsampling=JPEG_SUBSAMPLING,
                 resolution=res,
                 resolutionunit="CENTIMETER",
@@ -1256,6 +1364,7 @@ def summarize(plan: SlidePlan) -> dict:
     return {
         "slide_id": plan.slide_id,
         "label": plan.label,
+        "centre": plan.centre,
         "seed": plan.seed,
         "width_px": plan.width_px,
         "height_px": plan.height_px,
@@ -1289,10 +1398,11 @@ def synth_slide(
     *,
     slide_id: str,
     label: str,
+    centre: str = "",
     progress: bool | None = False,
 ) -> dict:
     """Stage ``synth_slide``: one synthetic slide (pyramidal TIFF) and its ASAP XML; returns a
-    summary.
+    summary. ``centre``: the slide's demo centre (:data:`DEMO_CENTRES`; empty: none).
 
     Deterministic: the same arguments give byte-identical files. The level-0 size varies by
     ``+-size_jitter`` around ``width_px x height_px`` (``size_jitter=0`` keeps it exact); ``mpp``
@@ -1302,8 +1412,9 @@ def synth_slide(
     p = params
     t0 = time.perf_counter()
     plan = plan_slide(
-        slide_id, label, p.seed, p.width_px, p.height_px, p.mpp, size_jitter=p.size_jitter
-    )
+        slide_id, label, p.seed, p.width_px, p.height_px, p.mpp, size_jitter=p.size_jitter,
+        centre=centre,
+    )  # fmt: skip
     t_plan = time.perf_counter() - t0
     file_bytes = write_pyramid(
         SlideRenderer(plan), Path(out_slide), workers=p.workers, progress=progress

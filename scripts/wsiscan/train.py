@@ -5,8 +5,10 @@ The patch tables are :mod:`wsiscan.formats.patches` (drawn by :mod:`wsiscan.patc
 
 A :class:`torch.utils.data.DataLoader` whose worker processes (the producers) open the slides
 lazily and read ``Lf x Lf`` level-0 patches centred on the samples (patch top-left = centre -
-``Lf // 2``, the same patch the dense map scores for a cell centre), augment them (flips,
-90-degree rotations, colour jitter) and hand uint8 batches (pinned on CUDA) to the main process
+``Lf // 2``, the same patch the dense map scores for a cell centre), normalise their stain to the
+training cohort's reference when ``stain.normalisation`` asks for it (:mod:`wsiscan.stain`; the
+reference goes into ``model.pt``), augment them (flips, 90-degree rotations, HED stain
+augmentation, optional colour jitter) and hand uint8 batches (pinned on CUDA) to the main process
 (the consumer), which normalises them with :func:`wsiscan.model.to_tensor` and trains. Mixed
 precision on CUDA. Validation by slide. A checkpoint (model, optimizer, scaler, epoch, RNG state,
 history) is written atomically after each epoch and a re-run resumes from it when it belongs to
@@ -80,7 +82,15 @@ def colour_matrix(
 def augment_patch(
     rgb: np.ndarray, rng: np.random.Generator, params: TrainRoundParams
 ) -> np.ndarray:
-    """Randomly flipped / rotated / colour-jittered copy of an RGB uint8 patch (H, W, 3)."""
+    """Randomly flipped / rotated / stain-perturbed / colour-jittered copy of an RGB uint8 patch
+    (H, W, 3).
+
+    The HED perturbation (:func:`wsiscan.stain.hed_perturb`, strengths ``hed_scale`` and
+    ``hed_shift``) comes before the colour jitter; its six draws follow the jitter's, so the
+    flips, rotations and jitter of a sample are those it had without it.
+    """
+    from .stain import draw_hed, hed_perturb
+
     out = rgb
     if params.flips and rng.random() < 0.5:
         out = out[:, ::-1]
@@ -92,6 +102,9 @@ def augment_patch(
         1.0 + rng.uniform(-params.saturation, params.saturation),
         rng.uniform(-params.hue, params.hue),
     )
+    alpha, beta = draw_hed(rng, params.hed_scale, params.hed_shift)
+    if params.hed_scale > 0 or params.hed_shift > 0:
+        out = hed_perturb(out, alpha, beta)
     if factors != (1.0, 1.0, 1.0, 0.0):
         x = out.reshape(-1, 3).astype(np.float32) * np.float32(1 / 255)
         m, t = colour_matrix(x.mean(axis=0), *factors)
@@ -105,8 +118,9 @@ class PatchDataset(torch.utils.data.Dataset):
     """``Lf x Lf`` level-0 patches centred on sample centres, read lazily from the slides.
 
     Keys are ``(sample index, epoch)``; epoch ``-1`` reads without augmentation (validation).
-    Each worker process opens the slides it needs on first use and keeps them open. Returns
-    ``(uint8 tensor (Lf, Lf, 3), label int64)``.
+    Each worker process opens the slides it needs on first use and keeps them open.
+    ``stain_maps`` (one per slide of the table, None for none) normalise every patch of a slide,
+    augmented or not. Returns ``(uint8 tensor (Lf, Lf, 3), label int64)``.
     """
 
     def __init__(
@@ -116,6 +130,7 @@ class PatchDataset(torch.utils.data.Dataset):
         augment: TrainRoundParams,
         seed: int,
         round_index: int,
+        stain_maps: Sequence[Any] | None = None,
     ) -> None:
         self.slide_path = list(table.slide_path)
         self.slide_id = list(table.slide_id)
@@ -126,6 +141,7 @@ class PatchDataset(torch.utils.data.Dataset):
         self.augment = augment
         self.seed = int(seed)
         self.round_index = int(round_index)
+        self.stain_maps = list(stain_maps) if stain_maps is not None else None
         self._slides: dict[int, Slide] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -144,11 +160,14 @@ class PatchDataset(torch.utils.data.Dataset):
         return slide
 
     def read(self, index: int) -> np.ndarray:
-        """The raw patch of sample ``index`` (RGB uint8, ``Lf x Lf``)."""
+        """The patch of sample ``index`` (RGB uint8, ``Lf x Lf``), stain-normalised when the
+        dataset has a map for its slide."""
         cx, cy = self.level0_xy[index]
         half = self.patch_px // 2
-        slide = self._slide(int(self.slide_index[index]))
-        return slide.read_rgb((int(cx) - half, int(cy) - half), 0, (self.patch_px,) * 2)
+        i = int(self.slide_index[index])
+        rgb = self._slide(i).read_rgb((int(cx) - half, int(cy) - half), 0, (self.patch_px,) * 2)
+        stain_map = self.stain_maps[i] if self.stain_maps is not None else None
+        return stain_map(rgb) if stain_map is not None else rgb
 
     def __getitem__(self, key: tuple[int, int] | int) -> tuple[torch.Tensor, int]:
         index, epoch = (int(key), -1) if isinstance(key, int | np.integer) else map(int, key)
@@ -446,6 +465,11 @@ class TrainingSet:
     hard: np.ndarray
     val_keys: np.ndarray
     patch_px: int
+    stain: dict[str, Any] | None = None  # training_stain(): the reference and the slides' maps
+
+    @property
+    def stain_maps(self) -> list[Any] | None:
+        return self.stain["maps"] if self.stain is not None else None
 
 
 def training_set(
@@ -487,6 +511,52 @@ def training_set(
         int(table.slide_is_val.sum()),
     )
     return data
+
+
+def training_stain(table: PatchTable, params: TrainRoundParams) -> dict[str, Any] | None:
+    """With ``stain.normalisation: macenko``: every training slide's Macenko fit, the cohort's
+    reference (one fit of their pooled stained pixels) and each slide's map onto it, as
+    ``{"meta": what model.pt keeps, "maps": one StainMap (or None) per slide}``; else None."""
+    if params.normalisation == "none":
+        return None
+    from .slide import open_slide
+    from .stain import StainMap, macenko_fit, reference_fit, slide_stain_sample
+
+    t0 = time.perf_counter()
+    samples, fits = [], []
+    for path, sid in zip(table.slide_path, table.slide_id, strict=True):
+        with open_slide(path, sid) as slide:
+            px = slide_stain_sample(slide)
+        samples.append(px)
+        try:
+            fits.append(macenko_fit(px))
+        except ValueError as exc:
+            log.warning("%s: no stain fit (%s): its patches are not normalised", sid, exc)
+            fits.append(None)
+    try:
+        reference = reference_fit([px for px in samples if len(px)])
+    except ValueError as exc:
+        raise ConfigError(
+            f"stain.normalisation: no reference stain from the training slides: {exc}"
+        )
+    maps = [StainMap(f, reference) if f is not None else None for f in fits]
+    log.info(
+        "stain reference from %d training slides in %.1f s: H %s, E %s, max amounts %s",
+        len(fits),
+        time.perf_counter() - t0,
+        np.round(reference.he_od[:, 0], 3).tolist(),
+        np.round(reference.he_od[:, 1], 3).tolist(),
+        np.round(reference.max_conc, 3).tolist(),
+    )
+    meta = {
+        "normalisation": params.normalisation,
+        "reference": reference.as_dict(),
+        "slides": {
+            sid: (f.as_dict() if f is not None else None)
+            for sid, f in zip(table.slide_id, fits, strict=True)
+        },
+    }
+    return {"meta": meta, "maps": maps}
 
 
 def training_fingerprint(
@@ -682,7 +752,9 @@ def round_loaders(
     data: TrainingSet, params: TrainRoundParams, round_index: int, pin_memory: bool
 ) -> tuple[PatchDataset, EpochSampler, dict[str, torch.utils.data.DataLoader]]:
     """The patch dataset, the epoch sampler and the training and validation loaders."""
-    dataset = PatchDataset(data.table, data.patch_px, params, params.seed, round_index)
+    dataset = PatchDataset(
+        data.table, data.patch_px, params, params.seed, round_index, data.stain_maps
+    )
     sampler = EpochSampler(
         data.positives,
         data.negatives,
@@ -806,6 +878,7 @@ def train_round(
     use_amp = bool(params.amp and device.type == "cuda")
 
     data = training_set(patches, hard_negatives, params, round_index)
+    data.stain = training_stain(data.table, params)
     files = {"patches": patches, "hard_negatives": list(hard_negatives)}
     fingerprint = training_fingerprint(
         params, round_index, {**files, "init": init_model, "imagenet": imagenet_weights}
@@ -829,7 +902,7 @@ def train_round(
     metrics["wall_s"] = time.perf_counter() - t_start
     model.eval()
     metrics["model_sha256"] = save_round_model(
-        out_model, model.cpu(), params, round_index, init_desc, state.history, files
+        out_model, model.cpu(), params, round_index, init_desc, state.history, files, data.stain
     )
     write_json(out_metrics, metrics)
     plot_history(
@@ -880,9 +953,11 @@ def save_round_model(
     init_desc: str,
     history: list[dict[str, Any]],
     files: dict[str, Any],
+    stain: dict[str, Any] | None = None,
 ) -> str:
-    """``model.pt`` with what determines it (result settings, inputs, final validation figures)
-    and nothing that measures the run, so the same training gives the same bytes; its SHA-256."""
+    """``model.pt`` with what determines it (result settings, inputs, final validation figures,
+    the stain reference when the round normalised) and nothing that measures the run, so the
+    same training gives the same bytes; its SHA-256."""
     from .formats.checkpoint import save_checkpoint
 
     final = {k: v for k, v in (history[-1] if history else {}).items() if k not in TIMING_KEYS}
@@ -897,6 +972,8 @@ def save_round_model(
         "final": final,
         "train_params": _plain(result_fields(params)),
     }
+    if stain is not None:
+        meta["stain"] = stain["meta"]
     return save_checkpoint(out_model, model, meta)
 
 

@@ -1,4 +1,5 @@
-# Embedded demo cohort: a pyramidal TIFF and its ASAP XML per demo slide of the sheet.
+# Embedded demo cohort: a pyramidal TIFF and its ASAP XML per demo slide of the sheet, with the
+# stain and scanner of the slide's centre (sheet column centre).
 
 
 rule synth_slide:
@@ -17,11 +18,13 @@ rule synth_slide:
         runtime=10,
     params:
         label=lambda w: "tumor" if slide_row(w)["label"] == "tumor" else "normal",
+        centre=lambda w: slide_row(w).get("centre", ""),
         settings=settings("synth_slide"),
         runtime=runtime("synth_slide"),
     shell:
         wsiscan(
             "synth_slide --slide-id {wildcards.slide:q} --label {params.label}"
+            " --centre {params.centre:q}"
             " --out-slide {output.slide:q} --out-xml {output.xml:q}"
             " {params.settings:q} {params.runtime:q} > {log:q} 2>&1"
         )

@@ -8,6 +8,13 @@ weights_only=True)``. ``config``: ``arch``, ``width``, ``batchnorm``, ``dropout`
 was made: init or training round, its result settings, final validation figures; no run
 timings, so the same training gives the same bytes). Tensors are stored on the CPU.
 
+A model trained on stain-normalised slides (``stain.normalisation: macenko``) keeps the training
+cohort's stain in ``meta["stain"]``: ``normalisation`` (the method), ``reference`` (``he_od``: the
+3x2 unit optical-density vectors of haematoxylin and eosin, RGB rows; ``max_conc``: their
+99th-percentile amounts; ``n_pixels``) and ``slides`` (the same fit of every training slide, by
+slide ID; provenance). :func:`stain_reference` reads it back, checked; inference and mining
+normalise every slide to it.
+
 The reader refuses anything else before building a network: pickled objects, files that are not
 torch archives, another architecture, a geometry this wsiscan does not derive, tensors whose
 shapes do not fit, and non-finite weights.
@@ -105,6 +112,23 @@ def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(config, Mapping) or config.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(path, "not a wsiscan checkpoint")
     return dict(config)
+
+
+def stain_reference(config: Mapping[str, Any], path: str | Path) -> Any:
+    """The stain reference (:class:`wsiscan.stain.StainFit`) a checkpoint's ``config`` keeps in
+    ``meta["stain"]``, or None for a model trained on un-normalised slides;
+    :class:`CheckpointError` naming ``path`` when it is malformed."""
+    from ..stain import METHODS, StainFit
+
+    stain = (config.get("meta") or {}).get("stain")
+    if stain is None:
+        return None
+    if not isinstance(stain, Mapping) or stain.get("normalisation") not in METHODS[1:]:
+        raise CheckpointError(path, f"meta.stain is not a stain normalisation record: {stain!r}")
+    try:
+        return StainFit.from_dict(stain.get("reference"))
+    except ValueError as exc:
+        raise CheckpointError(path, f"meta.stain.reference: {exc}")
 
 
 def _plain(value: Any, where: str) -> Any:

@@ -8,7 +8,9 @@ Layout (HDF5):
 * ``grid_xy``, ``level0_xy``, ``tissue_fraction``: those of ``rois.h5``, same order;
 * attributes: ``format`` (:data:`FORMAT`), those of ``rois.h5`` (:meth:`RoiGrid.attrs`) plus
   ``model_checksum`` (SHA-256 of the model file), ``model_arch``, ``model_width``,
-  ``model_batchnorm``, ``dense_mode``, ``amp``, ``device``, ``tile_dtype``, ``wsiscan_version``.
+  ``model_batchnorm``, ``dense_mode``, ``amp``, ``device``, ``tile_dtype``, ``wsiscan_version``,
+  ``stain_normalisation`` (``none``, or ``macenko`` when the model keeps a stain reference) and,
+  when normalised, ``stain_fit_json`` (the slide's fit and the reference, JSON).
 
 :func:`write_tiles` streams tiles in block order (memory does not grow with the slide);
 :class:`TilesFile` reads them back in any order, checked against the header.

@@ -18,13 +18,15 @@ rule synth_slide:
         runtime=10,
     params:
         label=lambda w: "tumor" if slide_row(w)["label"] == "tumor" else "normal",
-        centre=lambda w: slide_row(w).get("centre", ""),
+        centre=lambda w: (
+            ["--centre", slide_row(w)["centre"]] if slide_row(w).get("centre") else []
+        ),
         settings=settings("synth_slide"),
         runtime=runtime("synth_slide"),
     shell:
         wsiscan(
             "synth_slide --slide-id {wildcards.slide:q} --label {params.label}"
-            " --centre {params.centre:q}"
+            " {params.centre:q}"
             " --out-slide {output.slide:q} --out-xml {output.xml:q}"
             " {params.settings:q} {params.runtime:q} > {log:q} 2>&1"
         )

@@ -248,14 +248,12 @@ def dense_batch(
     ``(k, B, B, 3)``.
 
     Only the tiles outlive the call: the normalised input and every activation are freed before
-    it returns. On a CPU the blocks are normalised into channels-last memory: oneDNN then
-    convolves in that layout directly, where a channels-first input costs a padded blocked copy
-    and a reorder of every large activation (measured at width 1/8, 2884 px blocks, batch 4:
-    live peak 4.5 -> 2.4 GB, 1.9x faster; the outputs agree to float32 rounding, 1.2e-7).
+    it returns. The input stays channels-first: oneDNN's channels-last convolutions on the CPU
+    are faster and smaller (measured at width 1/8, 2884 px blocks, batch 4: live peak 4.5 ->
+    2.4 GB, 1.9x) but their float32 rounding depends on the number of threads and on the batch
+    size (1 ulp on some cells), run-time settings that must not change a map.
     """
-    cpu = device.type == "cpu"
-    layout = torch.channels_last if cpu else torch.contiguous_format
-    x = to_tensor(rgb, device=device, memory_format=layout)
+    x = to_tensor(rgb, device=device)
     prob = dense_tiles(model, x, alpha, mode=dense_mode)
     del x
     # the tumour channel is a view of the softmax's (k, 2, T, T): keep a copy of it alone

@@ -9,7 +9,8 @@ from the geometry, the network's width, the batch size and the loader, not from 
 * on a CPU, the activations of one batch: the first convolution stage works at the block's full
   resolution with ``c0 = round(64 * width)`` channels and dominates; at its peak the normalised
   input (3 channels), a convolution's output and the next layer's (``c0`` each) and oneDNN's
-  working copy (``c0``) are alive: ``(3 * c0 + 3) * block_side^2 * bytes`` per block;
+  working copies (its blocked layout of the channels-first input and output, ``2 * c0``) are
+  alive: ``(4 * c0 + 3) * block_side^2 * bytes`` per block;
 * the loader's blocks in flight (uint8 RGB): ``workers * prefetch_factor`` batches read ahead
   plus the one being converted, and the tiles of a batch (float32, ``alpha`` folds included).
 
@@ -104,7 +105,7 @@ def infer_memory_mb(
     fixed_mb = BASE_MB + 2 * _vgg16_weights_mb(width)
     if device == "cpu":
         c0 = _first_channels(width)
-        act_mb = batch_size * (3 * c0 + 3) * px * _dtype_bytes(dtype) / _MB
+        act_mb = batch_size * (4 * c0 + 3) * px * _dtype_bytes(dtype) / _MB
     else:
         _dtype_bytes(dtype)  # checked; the activations are on the device
         fixed_mb += CUDA_BASE_MB

@@ -268,7 +268,8 @@ def bench_infer_pipeline(smoke: bool) -> dict[str, Any]:
 # counted in its ru_maxrss, which survives exec; forking from this ~10 MB launcher keeps the
 # figure the measured program's own.
 _RSS_LAUNCHER = """
-import json, os, sys
+import json, os, sys, time
+t0 = time.perf_counter()
 pid = os.fork()
 if pid == 0:
     try:
@@ -277,7 +278,8 @@ if pid == 0:
         os._exit(127)
 _, status, usage = os.wait4(pid, 0)
 with open(sys.argv[1], "w") as fh:
-    json.dump({"maxrss_kib": usage.ru_maxrss, "user_s": usage.ru_utime}, fh)
+    json.dump({"maxrss_kib": usage.ru_maxrss, "user_s": usage.ru_utime,
+               "sys_s": usage.ru_stime, "wall_s": time.perf_counter() - t0}, fh)
 sys.exit(os.waitstatus_to_exitcode(status))
 """
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .bench_pipeline import _mask_and_grid
+from .bench_pipeline import _RSS_LAUNCHER, _mask_and_grid
 from .common import cache_dir, figure, load_average, round_sig
 from .synthetic import CAMELYON_MPP, cached_slide
 
@@ -27,22 +27,6 @@ from .synthetic import CAMELYON_MPP, cached_slide
 SIZES = [(8000, 7000), (12000, 10000), (20000, 16000), (32000, 28000)]
 SMOKE_SIZES = [(1400, 1200)]  # one run: the harness works (flatness needs the full run)
 RSS_FLAT_GOAL = 1.1
-
-_LAUNCHER = """
-import json, os, sys, time
-t0 = time.perf_counter()
-pid = os.fork()
-if pid == 0:
-    try:
-        os.execvp(sys.argv[2], sys.argv[2:])
-    finally:
-        os._exit(127)
-_, status, u = os.wait4(pid, 0)
-with open(sys.argv[1], "w") as fh:
-    json.dump({"maxrss_kib": u.ru_maxrss, "user_s": u.ru_utime, "sys_s": u.ru_stime,
-               "wall_s": time.perf_counter() - t0}, fh)
-sys.exit(os.waitstatus_to_exitcode(status))
-"""
 
 _FIRST = re.compile(r"first batch of blocks ([0-9.?]+) s after the process started \(([0-9.]+) s")
 
@@ -56,7 +40,7 @@ def run_child(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, An
     with tempfile.TemporaryDirectory(prefix="wsiscan-rss-") as tmp:
         usage_json = Path(tmp) / "usage.json"
         proc = subprocess.run(
-            [sys.executable, "-c", _LAUNCHER, str(usage_json), *cmd],
+            [sys.executable, "-c", _RSS_LAUNCHER, str(usage_json), *cmd],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,

@@ -7,6 +7,8 @@ VENV ?= .venv
 # CPU wheel by default; on a GPU cluster e.g. `make setup TORCH="torch --index-url <CUDA wheel index>"`
 TORCH ?= torch==2.13.0
 CORES ?= 2
+# pytest-xdist processes for `make test`; tests/conftest.py makes each test module one unit of work
+TEST_WORKERS ?= 2
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
@@ -34,7 +36,7 @@ lint: setup ## ruff, snakefmt and snakemake --lint; any finding fails
 	$(BIN)/snakemake --lint --cores 1
 
 pytest: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 test: lint pytest ## lint, then the whole test suite
 

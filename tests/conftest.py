@@ -122,3 +122,17 @@ def trained_cohort(tmp_path_factory) -> Path:
     assert (root / "results" / "cohort" / "metrics.json").is_file()
     assert (root / "results" / "train" / "round2" / "model.pt").is_file()
     return root
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under pytest-xdist (``make test``: ``-n 2 --dist loadgroup``) a test module is one unit of
+    work, so its module fixtures are built once; the modules that use the session fixture
+    ``trained_cohort`` form one unit together, so it is built once too."""
+    shared = {
+        i.module.__name__ for i in items if "trained_cohort" in getattr(i, "fixturenames", ())
+    }
+    for item in items:
+        if not any(item.iter_markers("xdist_group")):
+            name = item.module.__name__
+            item.add_marker(pytest.mark.xdist_group("trained_cohort" if name in shared else name))

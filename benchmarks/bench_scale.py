@@ -26,6 +26,9 @@ from .synthetic import CAMELYON_MPP, cached_slide
 #: slide sizes (px at 0.243 um/px, 30% tissue): 8, 15, 30 and 69 blocks at n = 82
 SIZES = [(8000, 7000), (12000, 10000), (20000, 16000), (32000, 28000)]
 SMOKE_SIZES = [(1400, 1200)]  # one run: the harness works (flatness needs the full run)
+#: runs per size: where the freed activations of the first batch land varies from run to run (by
+#: up to one activation buffer), so each size is measured twice and the goal holds for all runs
+REPEATS = 2
 RSS_FLAT_GOAL = 1.1
 
 _FIRST = re.compile(r"first batch of blocks ([0-9.?]+) s after the process started \(([0-9.]+) s")
@@ -97,8 +100,9 @@ def torch_import_s(repeats: int, warmup: int = 1) -> list[tuple[float, float]]:
 
 
 def bench_infer_rss(smoke: bool) -> dict[str, Any]:
-    """Peak RSS and CPU time of ``wsiscan infer`` on three slide sizes (slim model, n = 82, one
-    loader worker, batch 4), the start-up time to the first batch, and the memory request."""
+    """Peak RSS and CPU time of ``wsiscan infer`` on four slide sizes, ``REPEATS`` runs each (slim
+    model, n = 82, one loader worker, batch 4), the start-up time to the first batch, and the
+    memory request."""
     from wsiscan.memory import infer_memory_mb
     from wsiscan.model import init_model
     from wsiscan.params import InitModelParams
@@ -124,25 +128,32 @@ def bench_infer_rss(smoke: bool) -> dict[str, Any]:
             folder = tmp / f"{w}x{h}"
             folder.mkdir()
             setup = _mask_and_grid(Path(info["path"]), folder, n=n, alpha=2, slide_id="bench")
-            res = run_child(infer_command(Path(info["path"]), folder, model, workers, batch))
-            wall0, cpu0 = first_batch_s(res.pop("stderr"))
             import h5py
 
             with h5py.File(folder / "rois.h5") as f:
                 block, tile = int(f.attrs["block_side"]), int(f.attrs["tile_side"])
-            runs.append(
-                {
-                    "slide_px": [w, h],
-                    "blocks": setup["blocks"],
-                    "block_side_px": block,
-                    "tile_side_px": tile,
-                    **{k: round_sig(v) for k, v in res.items()},
-                    "cpu_s_per_block": round_sig((res["user_s"] + res["sys_s"]) / setup["blocks"]),
-                    "first_batch_s": wall0,
-                    "first_batch_cpu_s": cpu0,
-                }
-            )
+            for repeat in range(1 if smoke else REPEATS):
+                (folder / "tiles.h5").unlink(missing_ok=True)
+                res = run_child(infer_command(Path(info["path"]), folder, model, workers, batch))
+                wall0, cpu0 = first_batch_s(res.pop("stderr"))
+                blocks = setup["blocks"]
+                runs.append(
+                    {
+                        "slide_px": [w, h],
+                        "repeat": repeat,
+                        "blocks": blocks,
+                        "block_side_px": block,
+                        "tile_side_px": tile,
+                        **{k: round_sig(v) for k, v in res.items()},
+                        "cpu_s_per_block": round_sig((res["user_s"] + res["sys_s"]) / blocks),
+                        "first_batch_s": wall0,
+                        "first_batch_cpu_s": cpu0,
+                    }
+                )
     peaks = [r["peak_rss_mib"] for r in runs]
+    by_size: dict[int, list[float]] = {}
+    for r in runs:
+        by_size.setdefault(r["blocks"], []).append(r["peak_rss_mib"])
     predicted_mb = infer_memory_mb(
         block_side_px=runs[0]["block_side_px"],
         tile_side_px=runs[0]["tile_side_px"],
@@ -156,7 +167,10 @@ def bench_infer_rss(smoke: bool) -> dict[str, Any]:
     starts = [r["first_batch_s"] for r in runs if r["first_batch_s"] is not None]
     start = min(starts) if starts else float("nan")
     start_cpu = min(r["first_batch_cpu_s"] for r in runs)
-    figures = [figure(f"peak_rss_{r['blocks']}_blocks_mib", r["peak_rss_mib"], "MiB") for r in runs]
+    figures = [
+        figure(f"peak_rss_{b}_blocks_mib", max(p), f"MiB (largest of {len(p)}: {sorted(p)})")
+        for b, p in by_size.items()
+    ]
     figures += [
         figure("peak_rss_max_over_min", max(peaks) / min(peaks), "x", f"<= {RSS_FLAT_GOAL}"),
         figure("sys_s_largest", runs[-1]["sys_s"], f"s system time ({runs[-1]['blocks']} blocks)"),

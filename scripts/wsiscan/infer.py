@@ -31,6 +31,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -288,7 +289,9 @@ def iter_dense_tiles(
     (:data:`wsiscan.cli.MALLOC_TUNING`: nothing is returned to the kernel) any buffer that
     outlives a batch (the previous batch's input, its tiles held for the next iteration) sits in
     the middle of the freed activations and pushes the next batch's above it: the heap then grew
-    with the slide. A consumer should drop each batch's tiles before asking for the next.
+    with the slide. A consumer should drop each batch's tiles before asking for the next, and
+    allocate what it keeps in another thread (glibc gives each thread a malloc arena of its own):
+    :func:`infer` writes the tiles from a writer thread.
 
     ``stain``: the slide's stain map (the model's reference), applied to every block as it is
     read.
@@ -445,6 +448,7 @@ def infer(
         with (
             write_tiles(out_tiles, grid, provenance, params.tile_dtype) as out,
             _progress(grid.n_blocks, slide_id) as bar,
+            ThreadPoolExecutor(1, thread_name_prefix="tiles-writer") as writer,
         ):
             for start, tiles in iter_dense_tiles(
                 net,
@@ -459,7 +463,9 @@ def infer(
                 stain=stain,
             ):
                 t0 = time.perf_counter()
-                out.write(start, tiles)
+                # in a thread of its own, so in a malloc arena of its own: what HDF5 and zlib
+                # allocate per write (and HDF5 keeps) never lands among the freed activations
+                writer.submit(out.write, start, tiles).result()
                 write_s += time.perf_counter() - t0
                 bar.update(len(tiles))
                 del tiles  # not alive while the next batch is computed (iter_dense_tiles)

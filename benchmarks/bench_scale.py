@@ -207,4 +207,55 @@ def bench_infer_rss(smoke: bool) -> dict[str, Any]:
     }
 
 
-BENCHMARKS = {"infer_rss": bench_infer_rss}
+def bench_shared_process(smoke: bool) -> dict[str, Any]:
+    """Wall time of each slide's ``wsiscan infer`` command in a (fake) SLURM job: every slide in
+    its own process against all of them through the job's inference server
+    (``--share-process``), alternating, on the same small slide (one 2884 px block, slim model,
+    CPU): what one process per job saves per slide."""
+    import uuid
+
+    from wsiscan.model import init_model
+    from wsiscan.params import InitModelParams
+
+    slides = 2 if smoke else 6
+    w, h = 1400, 1200
+    info = cached_slide(
+        cache_dir(smoke) / f"scale_{w}x{h}.tif", width_px=w, height_px=h, mpp=CAMELYON_MPP,
+        tissue_fraction=0.3, seed=1, pool_region_px=1024,
+    )  # fmt: skip
+    out: dict[str, list[float]] = {"alone": [], "shared": []}
+    with tempfile.TemporaryDirectory(prefix="wsi-") as tmp_name:
+        tmp = Path(tmp_name)
+        model = tmp / "model.pt"
+        init_model(model, InitModelParams(width=0.125, seed=0))
+        folder = tmp / "slide"
+        folder.mkdir()
+        setup = _mask_and_grid(Path(info["path"]), folder, n=82, alpha=2, slide_id="bench")
+        env = dict(os.environ, SLURM_JOB_ID=f"b{uuid.uuid4().hex[:8]}", TMPDIR=str(tmp))
+        cmd = infer_command(Path(info["path"]), folder, model, workers=1, batch=4)
+        for _ in range(slides):
+            for mode, flag in (("alone", "--no-share-process"), ("shared", "--share-process")):
+                (folder / "tiles.h5").unlink(missing_ok=True)
+                t0 = time.perf_counter()
+                subprocess.run([*cmd, flag], env=env, check=True, capture_output=True)
+                out[mode].append(time.perf_counter() - t0)
+        server = next(tmp.glob("wsiscan-infer-*"))
+        for pid in re.findall(r"inference server pid (\d+)", (server / "server.log").read_text()):
+            os.kill(int(pid), 15)
+    alone = sorted(out["alone"])[len(out["alone"]) // 2]
+    later = out["shared"][1:]
+    shared = sorted(later)[len(later) // 2]
+    return {
+        "figures": [
+            figure("per_slide_alone_s", alone, "s wall per slide, own process (median)"),
+            figure("per_slide_shared_s", shared, "s wall per slide after the first, shared"),
+            figure("first_slide_shared_s", out["shared"][0], "s wall (starts the server)"),
+            figure("saved_per_slide_s", alone - shared, "s wall per slide"),
+        ],
+        "blocks": setup["blocks"],
+        "walls_s": {k: [round_sig(v) for v in vals] for k, vals in out.items()},
+        "load_average_after": load_average(),
+    }
+
+
+BENCHMARKS = {"infer_rss": bench_infer_rss, "shared_process": bench_shared_process}

@@ -339,8 +339,6 @@ def _runtime_value(key: str, current):
         return next(c for c in spec.choices if c != current)
     if spec.pattern:
         return "cpu" if current != "cpu" else "auto"
-    if spec.kind is bool:
-        return not current
     return current + 1
 
 

@@ -306,14 +306,6 @@ def _add_tools(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_install_profile)
 
     p = sub.add_parser(
-        "infer-server",
-        help="Serve the infer commands of one SLURM job in this process (started by `wsiscan "
-        "infer` with infer.share_process; see wsiscan.serve).",
-    )
-    p.add_argument("--dir", type=Path, required=True, help="the job's server folder")
-    p.set_defaults(run=_run_infer_server)
-
-    p = sub.add_parser(
         "config-docs",
         help="Write the config schema and config/README.md from the settings table.",
     )
@@ -342,12 +334,6 @@ def _run_install_profile(a: argparse.Namespace) -> object:
     how = "a copy of" if a.copy else "a link to"
     print(f"snakemake --profile {a.name} now uses {target}, {how} {source} ({origin})")
     return target
-
-
-def _run_infer_server(a: argparse.Namespace) -> object:
-    from .serve import serve
-
-    return serve(a.dir, execute, build_parser())
 
 
 def _run_config_docs(a: argparse.Namespace) -> object:
@@ -397,7 +383,7 @@ def malloc_tuning_applies(stage: str, environ: dict[str, str] | os._Environ) -> 
     """Whether ``wsiscan <stage>`` should restart itself with :data:`MALLOC_TUNING`: a torch stage,
     glibc, not switched off, and neither variable set already (by the user or a first start)."""
     return (
-        (stage in TORCH_STAGES or stage == "infer-server")
+        stage in TORCH_STAGES
         and sys.platform.startswith("linux")
         and platform.libc_ver()[0] == "glibc"
         and environ.get(NO_MALLOC_TUNING_ENV, "1") != "0"
@@ -405,44 +391,9 @@ def malloc_tuning_applies(stage: str, environ: dict[str, str] | os._Environ) -> 
     )
 
 
-def _shared_process_job(args: argparse.Namespace) -> str | None:
-    """The SLURM job whose inference server should run this command (``infer`` with
-    ``--share-process`` inside a SLURM job), else None."""
-    if args.stage != "infer" or not getattr(args, "share_process", False):
-        return None
-    from .serve import job_key
-
-    return job_key()
-
-
-def _run_shared(argv: list[str], args: argparse.Namespace, job: str) -> int | None:
-    """Run ``wsiscan <argv>`` in the job's inference server (:mod:`wsiscan.serve`); None when its
-    folder cannot be used (the command then runs in its own process)."""
-    from .serve import ServerError, run_client, server_dir
-
-    try:
-        server_dir(job)
-    except (ServerError, OSError) as exc:
-        print(f"wsiscan infer: warning: no shared process ({exc}); running alone", file=sys.stderr)
-        return None
-    try:
-        return run_client(argv, job)
-    except (ServerError, OSError) as exc:
-        cause = f"slide {args.slide_id!r}: {exc}"
-        _record_failure(args, exc, cause)
-        print(f"wsiscan infer: error: {cause}", file=sys.stderr)
-        return 1
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``wsiscan`` command."""
     args = build_parser().parse_args(argv)
-    job = _shared_process_job(args)
-    if job is not None:
-        words = list(sys.argv[1:] if argv is None else argv)
-        rc = _run_shared(words, args, job)
-        if rc is not None:
-            return rc
     if argv is None and malloc_tuning_applies(args.stage, os.environ):
         # the same command once more, same PID, with the allocator settings in its environment
         os.execve(  # noqa: S606 (an argument list, no shell)
@@ -458,12 +409,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.stage in TORCH_STAGES:
         tuned = {k: os.environ[k] for k in MALLOC_TUNING if k in os.environ}
         log.debug("glibc malloc settings: %s", tuned or "defaults")
-    return execute(args)
-
-
-def execute(args: argparse.Namespace) -> int:
-    """Run a parsed command: errors meant for the user as one line (and the failure record),
-    exit code 0 or 1. Also what the inference server runs for each request."""
     slide_id = getattr(args, "slide_id", None)
     try:
         args.run(args)

@@ -193,12 +193,6 @@ def check_slide_fits(slide_path: str | Path, grid: RoiGrid, rois: str | Path) ->
         )
 
 
-#: Set by the inference server (:mod:`wsiscan.serve`): keep the last checkpoint's network loaded
-#: for the next slide (keyed by the file's SHA-256 and the device).
-KEEP_MODELS = False
-_KEPT: dict[tuple[str, str], tuple[ScanNet, dict[str, Any]]] = {}
-
-
 def load_scan_model(
     model_path: str | Path, geometry: Geometry, device: torch.device
 ) -> tuple[ScanNet, dict[str, Any]]:
@@ -206,28 +200,18 @@ def load_scan_model(
     :class:`CheckpointError` when it cannot scan ``geometry`` (another architecture or layers).
 
     The network is the checkpoint's own (its width, BatchNorm); ``model.width`` configures only
-    the networks that ``init_model`` and ``train_round`` build. With :data:`KEEP_MODELS` a file
-    with the same checksum is not loaded again."""
+    the networks that ``init_model`` and ``train_round`` build."""
     from .formats.checkpoint import load_checkpoint
     from .model import check_scans
 
-    checksum = sha256_file(model_path)
-    key = (checksum, str(device))
-    if KEEP_MODELS and key in _KEPT:
-        model, attrs = _KEPT[key]
-        log.info("model %s already loaded in this process (SHA-256 %s)", model_path, checksum[:12])
-    else:
-        model, _ = load_checkpoint(model_path, map_location=device)
-        attrs = {
-            "model_checksum": checksum,
-            "model_arch": model.arch,
-            "model_width": float(model.width),
-            "model_batchnorm": bool(model.batchnorm),
-        }
-        if KEEP_MODELS:
-            _KEPT.clear()
-            _KEPT[key] = (model, attrs)
+    model, _ = load_checkpoint(model_path, map_location=device)
     check_scans(model, geometry, model_path)
+    attrs = {
+        "model_checksum": sha256_file(model_path),
+        "model_arch": model.arch,
+        "model_width": float(model.width),
+        "model_batchnorm": bool(model.batchnorm),
+    }
     return model, attrs
 
 

@@ -262,9 +262,6 @@ SETTINGS: dict[str, Setting] = {
            "computes", minimum=0, maximum=256, runtime=True),
         _s("infer.device", str, "auto", "auto (CUDA when there is one), cpu, cuda or cuda:N",
            **_DEVICE),
-        _s("infer.share_process", bool, False, "in a SLURM job (the profile's infer group): one "
-           "process runs every slide's inference, torch imported, the device initialised and "
-           "the model loaded once per job (wsiscan.serve)", runtime=True),
         # -- stitch --
         _s("stitch.threshold", float, 0.5, "tumour probability threshold of the lesion mask",
            **_FRACTION),
@@ -597,7 +594,6 @@ class InferParams(StageParams):
     batch_size: int = key()
     workers: int = key()
     device: str = key()
-    share_process: bool = key()
 
 
 @stage_params("stitch", "stitch")

@@ -8,7 +8,7 @@
 * ``malloc``: ``wsiscan infer`` (the command the rule runs, demo model width 1/8, n = 20,
   alpha = 2) on a synthetic 8000 x 7000 px slide with glibc's default allocator settings
   (``WSISCAN_MALLOC_TUNING=0``) against the settings the command applies to itself
-  (:data:`wsiscan.cli.MALLOC_TUNING`); and one training step of the demo model (batch 32) in a
+  (:data:`wsiscan.allocator.MALLOC_TUNING`); and one training step of the demo model (batch 32) in a
   fresh process each way. Interleaved medians; the tiles of both runs must be identical.
 """
 
@@ -119,7 +119,7 @@ print((time.perf_counter() - t0) / int(sys.argv[2]))
 
 def bench_malloc(smoke: bool) -> dict[str, Any]:
     """``wsiscan infer`` and a training step with and without the glibc allocator settings."""
-    from wsiscan.cli import MALLOC_TUNING, NO_MALLOC_TUNING_ENV
+    from wsiscan.allocator import JEMALLOC_ENV, MALLOC_TUNING, NO_MALLOC_TUNING_ENV
     from wsiscan.model import init_model
     from wsiscan.params import InitModelParams
 
@@ -128,7 +128,8 @@ def bench_malloc(smoke: bool) -> dict[str, Any]:
     info = infer_test_slide(cache_dir(smoke), smoke, 8000, 7000)
     slide = Path(info["path"])
     threads = str(max(1, len(os.sched_getaffinity(0))))
-    base_env = {k: v for k, v in os.environ.items() if k not in MALLOC_TUNING}
+    # glibc's malloc in both arms (jemalloc, where installed, is infer_rss's comparison)
+    base_env = {k: v for k, v in os.environ.items() if k not in MALLOC_TUNING} | {JEMALLOC_ENV: "0"}
     envs = {"default": base_env | {NO_MALLOC_TUNING_ENV: "0"}, "tuned": base_env}
     wsiscan = [sys.executable, "-m", "wsiscan"]
     with tempfile.TemporaryDirectory(prefix="wsiscan-bench-") as tmp_name:

@@ -292,7 +292,7 @@ def _child_peak_rss(cmd: list[str]) -> tuple[float, float, str]:
     with glibc's default allocator settings, as every stage but the torch ones does (benchmark
     processes carry the torch stages' settings, see ``benchmarks/run.py``).
     """
-    from wsiscan.cli import MALLOC_TUNING
+    from wsiscan.allocator import MALLOC_TUNING
 
     env = {k: v for k, v in os.environ.items() if k not in MALLOC_TUNING}
     with tempfile.TemporaryDirectory(prefix="wsiscan-rss-") as tmp:

@@ -222,10 +222,10 @@ def run_child(name: str, smoke: bool, timeout_s: float | None = None) -> dict:
     (DataLoader workers included) is killed. The child gets the glibc allocator settings of the
     torch stages (unless ``WSISCAN_MALLOC_TUNING=0`` or the benchmark is in
     :data:`DEFAULT_MALLOC`)."""
-    from wsiscan.cli import MALLOC_TUNING, malloc_tuning_applies
+    from wsiscan.allocator import MALLOC_TUNING, malloc_tuning_applies
 
     cmd = [sys.executable, "-m", "benchmarks.run", "--one", name] + (["--smoke"] if smoke else [])
-    # the allocator settings the torch stages give themselves (wsiscan.cli), so that stages run
+    # the allocator settings the torch stages give themselves (wsiscan.allocator), so that stages run
     # in-process are measured as the `wsiscan` command runs them (`malloc` compares both); the
     # benchmarks of the other stages run with glibc's defaults, as those stages do
     env = dict(os.environ)

@@ -482,7 +482,7 @@ def test_killed_infer_job_is_redone_and_identical(workdir):
                 for pid in _descendants(sm.pid):
                     argv = _cmdline(pid)
                     # `wsiscan infer ...`, or `python -m wsiscan infer ...` once it restarted
-                    # itself with the allocator settings (wsiscan.cli.MALLOC_TUNING)
+                    # itself with the allocator settings (wsiscan.allocator.MALLOC_TUNING)
                     if "infer" in argv and any(a.endswith("wsiscan") for a in argv[:3]):
                         os.kill(pid, signal.SIGKILL)
                         killed = pid

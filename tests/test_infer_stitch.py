@@ -7,10 +7,12 @@ the crop at the slide edge and that blocks crossing the slide border read white 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +24,15 @@ import tifffile
 import torch
 
 from wsiscan import __version__
-from wsiscan.cli import MALLOC_TUNING, NO_MALLOC_TUNING_ENV, malloc_tuning_applies
+from wsiscan.allocator import (
+    JEMALLOC_CONF,
+    JEMALLOC_ENV,
+    JEMALLOC_SONAME,
+    MALLOC_TUNING,
+    NO_MALLOC_TUNING_ENV,
+    find_jemalloc,
+    malloc_tuning_applies,
+)
 from wsiscan.cli import main as cli_main
 from wsiscan.dense import patch_classifier
 from wsiscan.errors import SlideError
@@ -303,30 +313,99 @@ def test_infer_errors_leave_no_output(slide, model_file, tmp_path, capsys):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def _infer_command(slide_path, rois, model_file, out) -> list:
+    wsiscan = Path(sys.executable).with_name("wsiscan")
+    return [wsiscan, "infer", "--slide", slide_path, "--slide-id", "synthetic", "--rois", rois,
+            "--model", model_file, "--out-tiles", out, "--workers", "0", "--device", "cpu"]  # fmt: skip
+
+
+def _clean_env() -> dict[str, str]:
+    """This environment without the variables the command sets when it restarts itself."""
+    drop = {*MALLOC_TUNING, "MALLOC_CONF", "LD_PRELOAD", JEMALLOC_ENV}
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc malloc settings")
 def test_infer_command_restarts_with_malloc_settings(slide, model_file, tmp_path):
     """The ``wsiscan`` command of a torch stage runs with the allocator settings in its
     environment (one restart of itself), unless switched off; the tiles are the same."""
     slide_path, _ = slide
     rois = write_rois(tmp_path / "rois.h5", all_blocks())
-    wsiscan = Path(sys.executable).with_name("wsiscan")
-    env = {k: v for k, v in os.environ.items() if k not in MALLOC_TUNING}
     tiles = {}
     for tuning in ("1", "0"):
         out = tmp_path / f"tiles{tuning}.h5"
         res = subprocess.run(
-            [wsiscan, "-v", "infer", "--slide", slide_path, "--slide-id", "synthetic",
-             "--rois", rois, "--model", model_file, "--out-tiles", out, "--workers", "0",
-             "--device", "cpu"],
-            env=env | {NO_MALLOC_TUNING_ENV: tuning}, capture_output=True, text=True, check=True,
+            _infer_command(slide_path, rois, model_file, out),
+            env=_clean_env() | {NO_MALLOC_TUNING_ENV: tuning, JEMALLOC_ENV: "0"},
+            capture_output=True, text=True, check=True,
         )  # fmt: skip
-        settings = re.search(r"glibc malloc settings: (.*)", res.stderr).group(1)
+        settings = re.search(r"allocator: glibc malloc, settings (.*)", res.stderr).group(1)
         assert settings == (str(MALLOC_TUNING) if tuning == "1" else "defaults"), res.stderr
         with h5py.File(out, "r") as f:
             tiles[tuning] = f["tiles"][:]
     assert np.array_equal(tiles["1"], tiles["0"])
     assert malloc_tuning_applies("train_round", {}) and not malloc_tuning_applies("stitch", {})
     assert not malloc_tuning_applies("infer", {"MALLOC_TRIM_THRESHOLD_": "1"})  # the user's own
+
+
+@pytest.fixture(scope="module")
+def jemalloc_library(tmp_path_factory) -> str:
+    """The real jemalloc: the system's if installed, else Debian's libjemalloc2 unpacked into a
+    temporary folder (``apt-get download`` needs no root); skip where neither is possible."""
+    found = find_jemalloc({})
+    if found:
+        return found
+    if not (shutil.which("apt-get") and shutil.which("dpkg-deb")):
+        pytest.skip("no jemalloc installed and no apt-get to fetch Debian's libjemalloc2")
+    folder = tmp_path_factory.mktemp("jemalloc")
+    subprocess.run(["apt-get", "download", "libjemalloc2"], cwd=folder, capture_output=True,
+                   timeout=300, check=False)  # fmt: skip
+    debs = sorted(folder.glob("libjemalloc2_*.deb"))
+    if not debs:
+        pytest.skip("apt-get could not download libjemalloc2")
+    subprocess.run(["dpkg-deb", "-x", debs[0], folder / "root"], check=True)
+    return str(next((folder / "root").rglob(JEMALLOC_SONAME)))
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="LD_PRELOAD of glibc's linker")
+def test_infer_command_preloads_jemalloc(slide, model_file, jemalloc_library, tmp_path):
+    """With jemalloc, ``wsiscan infer`` runs on it (mapped into the process, page decay off) and
+    writes the same tiles as on glibc's malloc; a wrong ``WSISCAN_JEMALLOC`` is one error line
+    with a failure record, before any work."""
+    slide_path, _ = slide
+    rois = write_rois(tmp_path / "rois.h5", all_blocks())
+    tiles = {}
+    for kind, library in (("jemalloc", jemalloc_library), ("glibc", "0")):
+        out = tmp_path / f"tiles_{kind}.h5"
+        res = subprocess.run(
+            _infer_command(slide_path, rois, model_file, out),
+            env=_clean_env() | {JEMALLOC_ENV: library}, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        used = re.search(r"allocator: (.*)", res.stderr).group(1)
+        if kind == "jemalloc":
+            mapped = used.removeprefix("jemalloc ").split(",")[0]
+            assert Path(mapped).name == JEMALLOC_SONAME, used
+            assert used.endswith(f"MALLOC_CONF={JEMALLOC_CONF}"), used
+        else:
+            assert used.startswith("glibc malloc"), used
+        with h5py.File(out, "r") as f:
+            tiles[kind] = f["tiles"][:]
+    assert np.array_equal(tiles["jemalloc"], tiles["glibc"])
+
+    record = tmp_path / "FAILED.json"
+    missing = tmp_path / "no" / JEMALLOC_SONAME
+    wsiscan, *stage = _infer_command(slide_path, rois, model_file, tmp_path / "x.h5")
+    res = subprocess.run(
+        [wsiscan, "--failure-record", record, *stage],
+        env=_clean_env() | {JEMALLOC_ENV: str(missing)}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"wsiscan infer: error: {JEMALLOC_ENV}={str(missing)!r}: no such file "
+        f"(a path to {JEMALLOC_SONAME}, or 0 for glibc's malloc)"
+    )
+    assert JEMALLOC_ENV in json.loads(record.read_text())["cause"]
+    assert not (tmp_path / "x.h5").exists()
 
 
 def test_mask_in_strips_equals_whole_map():

@@ -15,7 +15,6 @@ import argparse
 import importlib
 import logging
 import os
-import platform
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .allocator import TORCH_STAGES, active_allocator, malloc_tuning_applies, restart_environment
 from .errors import ConfigError, WsiscanError
 from .faults import clear_failure_record, write_failure_record
 from .fileio import OutputWriteError
@@ -204,9 +204,6 @@ STAGES: dict[str, Stage] = {
     )
 }  # fmt: skip
 
-#: Stages that run torch on the CPU as well as on a GPU.
-TORCH_STAGES = frozenset({"infer", "train_round", "mine_negatives"})
-
 
 # -- settings as options ---------------------------------------------------------------------------
 def _value_type(spec: Setting, kind: type) -> Callable[[str], Any]:
@@ -368,38 +365,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: glibc malloc settings for the torch stages: freed activation buffers stay in the heap instead
-#: of going back to the kernel and page-faulting in again at the next batch. The mmap threshold
-#: (16 GiB) lies above the largest activation (conv1 of a 2884 px block at full width: 2.1 GB per
-#: block), and the heap is not trimmed (32 GiB), so a process keeps its peak until it exits.
-#: Measured: CPU inference of the demo model 1.8x, a training step 1.7x and the full-width FCN on a
-#: 2868 px ROI 1.5x faster (benchmarks/README.md, ``malloc`` and ``fcn_vs_patch``). glibc reads
-#: them at process start only (``mallopt`` caps the mmap threshold at 32 MiB).
-MALLOC_TUNING = {"MALLOC_MMAP_THRESHOLD_": str(2**34), "MALLOC_TRIM_THRESHOLD_": str(2**35)}
-NO_MALLOC_TUNING_ENV = "WSISCAN_MALLOC_TUNING"  # "0": keep the allocator's defaults
-
-
-def malloc_tuning_applies(stage: str, environ: dict[str, str] | os._Environ) -> bool:
-    """Whether ``wsiscan <stage>`` should restart itself with :data:`MALLOC_TUNING`: a torch stage,
-    glibc, not switched off, and neither variable set already (by the user or a first start)."""
-    return (
-        stage in TORCH_STAGES
-        and sys.platform.startswith("linux")
-        and platform.libc_ver()[0] == "glibc"
-        and environ.get(NO_MALLOC_TUNING_ENV, "1") != "0"
-        and not any(key in environ for key in MALLOC_TUNING)
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``wsiscan`` command."""
     args = build_parser().parse_args(argv)
     if argv is None and malloc_tuning_applies(args.stage, os.environ):
+        try:
+            extra = restart_environment(args.stage, os.environ)
+        except ConfigError as exc:
+            _record_failure(args, exc, str(exc))
+            print(f"wsiscan {args.stage}: error: {exc}", file=sys.stderr)
+            return 1
         # the same command once more, same PID, with the allocator settings in its environment
         os.execve(  # noqa: S606 (an argument list, no shell)
             sys.executable,
             [sys.executable, "-m", "wsiscan", *sys.argv[1:]],
-            {**os.environ, **MALLOC_TUNING},
+            {**os.environ, **extra},
         )
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -407,8 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     if args.stage in TORCH_STAGES:
-        tuned = {k: os.environ[k] for k in MALLOC_TUNING if k in os.environ}
-        log.debug("glibc malloc settings: %s", tuned or "defaults")
+        log.info("allocator: %s", active_allocator())
     slide_id = getattr(args, "slide_id", None)
     try:
         args.run(args)

@@ -286,12 +286,15 @@ def iter_dense_tiles(
     Memory (CPU): nothing of batch ``k`` is alive while batch ``k+1`` is computed, so every
     batch lays its activations out in the heap the same way and the process's peak is that of
     one batch, whatever the slide's size. With the torch stages' allocator settings
-    (:data:`wsiscan.cli.MALLOC_TUNING`: nothing is returned to the kernel) any buffer that
+    (:data:`wsiscan.allocator.MALLOC_TUNING`: nothing is returned to the kernel) any buffer that
     outlives a batch (the previous batch's input, its tiles held for the next iteration) sits in
     the middle of the freed activations and pushes the next batch's above it: the heap then grew
     with the slide. A consumer should drop each batch's tiles before asking for the next, and
     allocate what it keeps in another thread (glibc gives each thread a malloc arena of its own):
-    :func:`infer` writes the tiles from a writer thread.
+    :func:`infer` writes the tiles from a writer thread. The small allocations a batch makes
+    still land among its freed activations here and there, so glibc's peak varies from run to
+    run by up to one activation; on jemalloc (:mod:`wsiscan.allocator`), which keeps large
+    allocations apart from small ones, it is the same in every run.
 
     ``stain``: the slide's stain map (the model's reference), applied to every block as it is
     read.

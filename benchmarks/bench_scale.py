@@ -1,6 +1,8 @@
 """Inference at cohort scale (issue 18): peak RSS of ``wsiscan infer`` against the slide's size,
 its start-up time, and the memory request's prediction against the measured peaks.
 
+Each size runs under both allocators the command can choose (:mod:`wsiscan.allocator`): glibc's
+malloc with the stage's settings, and jemalloc where it is installed (the command's choice then).
 Each run is the command the rule runs (``python -m wsiscan infer``, which restarts itself with
 the allocator settings), in a fresh child forked from a small launcher and reaped with
 ``os.wait4``: the figure is that process tree's own peak RSS (the largest of the stage's process
@@ -32,14 +34,26 @@ REPEATS = 2
 RSS_FLAT_GOAL = 1.1
 
 _FIRST = re.compile(r"first batch of blocks ([0-9.?]+) s after the process started \(([0-9.]+) s")
+_ALLOCATOR = re.compile(r"allocator: (.*)")
+
+
+def allocators() -> dict[str, dict[str, str]]:
+    """Environment of each allocator to measure: glibc's malloc, and jemalloc if
+    :func:`wsiscan.allocator.find_jemalloc` finds it (then the command's own choice)."""
+    from wsiscan.allocator import JEMALLOC_ENV, find_jemalloc
+
+    found = find_jemalloc({k: v for k, v in os.environ.items() if k != JEMALLOC_ENV})
+    return {"glibc": {JEMALLOC_ENV: "0"}} | ({"jemalloc": {JEMALLOC_ENV: found}} if found else {})
 
 
 def run_child(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run ``cmd`` in a fresh child of a small launcher: its peak RSS (MiB), user/system/wall
-    seconds and stderr."""
-    from wsiscan.cli import MALLOC_TUNING
+    """Run ``cmd`` in a fresh child of a small launcher, without the allocator variables (the
+    command chooses them when it restarts itself): its peak RSS (MiB), user/system/wall seconds
+    and stderr."""
+    from wsiscan.allocator import MALLOC_TUNING
 
-    env = {k: v for k, v in (env or os.environ).items() if k not in MALLOC_TUNING}
+    drop = {*MALLOC_TUNING, "MALLOC_CONF", "LD_PRELOAD"}
+    env = {k: v for k, v in (env or os.environ).items() if k not in drop}
     with tempfile.TemporaryDirectory(prefix="wsiscan-rss-") as tmp:
         usage_json = Path(tmp) / "usage.json"
         proc = subprocess.run(
@@ -100,9 +114,9 @@ def torch_import_s(repeats: int, warmup: int = 1) -> list[tuple[float, float]]:
 
 
 def bench_infer_rss(smoke: bool) -> dict[str, Any]:
-    """Peak RSS and CPU time of ``wsiscan infer`` on four slide sizes, ``REPEATS`` runs each (slim
-    model, n = 82, one loader worker, batch 4), the start-up time to the first batch, and the
-    memory request."""
+    """Peak RSS and CPU time of ``wsiscan infer`` on four slide sizes, ``REPEATS`` runs each per
+    allocator (slim model, n = 82, one loader worker, batch 4), the start-up time to the first
+    batch, and the memory request."""
     from wsiscan.memory import infer_memory_mb
     from wsiscan.model import init_model
     from wsiscan.params import InitModelParams
@@ -110,6 +124,8 @@ def bench_infer_rss(smoke: bool) -> dict[str, Any]:
     n, width, workers, batch = (4, 0.125, 1, 4) if smoke else (82, 0.125, 1, 4)
     cache = cache_dir(smoke)
     torch_s = torch_import_s(1, warmup=0) if smoke else torch_import_s(3)
+    kinds = allocators()
+    default = "jemalloc" if "jemalloc" in kinds else "glibc"  # what the command chooses here
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="wsiscan-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -133,27 +149,35 @@ def bench_infer_rss(smoke: bool) -> dict[str, Any]:
             with h5py.File(folder / "rois.h5") as f:
                 block, tile = int(f.attrs["block_side"]), int(f.attrs["tile_side"])
             for repeat in range(1 if smoke else REPEATS):
-                (folder / "tiles.h5").unlink(missing_ok=True)
-                res = run_child(infer_command(Path(info["path"]), folder, model, workers, batch))
-                wall0, cpu0 = first_batch_s(res.pop("stderr"))
-                blocks = setup["blocks"]
-                runs.append(
-                    {
-                        "slide_px": [w, h],
-                        "repeat": repeat,
-                        "blocks": blocks,
-                        "block_side_px": block,
-                        "tile_side_px": tile,
-                        **{k: round_sig(v) for k, v in res.items()},
-                        "cpu_s_per_block": round_sig((res["user_s"] + res["sys_s"]) / blocks),
-                        "first_batch_s": wall0,
-                        "first_batch_cpu_s": cpu0,
-                    }
-                )
+                for kind, kind_env in kinds.items():
+                    (folder / "tiles.h5").unlink(missing_ok=True)
+                    cmd = infer_command(Path(info["path"]), folder, model, workers, batch)
+                    res = run_child(cmd, {**os.environ, **kind_env})
+                    stderr = res.pop("stderr")
+                    wall0, cpu0 = first_batch_s(stderr)
+                    used = _ALLOCATOR.search(stderr)
+                    blocks = setup["blocks"]
+                    runs.append(
+                        {
+                            "slide_px": [w, h],
+                            "allocator": kind,
+                            "allocator_log": used.group(1) if used else None,
+                            "repeat": repeat,
+                            "blocks": blocks,
+                            "block_side_px": block,
+                            "tile_side_px": tile,
+                            **{k: round_sig(v) for k, v in res.items()},
+                            "cpu_s_per_block": round_sig((res["user_s"] + res["sys_s"]) / blocks),
+                            "first_batch_s": wall0,
+                            "first_batch_cpu_s": cpu0,
+                        }
+                    )
     peaks = [r["peak_rss_mib"] for r in runs]
-    by_size: dict[int, list[float]] = {}
+    mine = [r for r in runs if r["allocator"] == default]
+    mine_peaks = [r["peak_rss_mib"] for r in mine]
+    by_size: dict[tuple[str, int], list[float]] = {}
     for r in runs:
-        by_size.setdefault(r["blocks"], []).append(r["peak_rss_mib"])
+        by_size.setdefault((r["allocator"], r["blocks"]), []).append(r["peak_rss_mib"])
     predicted_mb = infer_memory_mb(
         block_side_px=runs[0]["block_side_px"],
         tile_side_px=runs[0]["tile_side_px"],
@@ -164,17 +188,40 @@ def bench_infer_rss(smoke: bool) -> dict[str, Any]:
     peak_mb = max(peaks) * 2**20 / 1e6
     torch_wall = sorted(w for w, _ in torch_s)[len(torch_s) // 2]
     torch_cpu = sorted(c for _, c in torch_s)[len(torch_s) // 2]
-    starts = [r["first_batch_s"] for r in runs if r["first_batch_s"] is not None]
+    starts = [r["first_batch_s"] for r in mine if r["first_batch_s"] is not None]
     start = min(starts) if starts else float("nan")
-    start_cpu = min(r["first_batch_cpu_s"] for r in runs)
+    start_cpu = min(r["first_batch_cpu_s"] for r in mine)
+    largest = max(r["blocks"] for r in runs)
     figures = [
-        figure(f"peak_rss_{b}_blocks_mib", max(p), f"MiB (largest of {len(p)}: {sorted(p)})")
-        for b, p in by_size.items()
+        figure(f"peak_rss_{k}_{b}_blocks_mib", max(p), f"MiB (largest of {len(p)}: {sorted(p)})")
+        for (k, b), p in by_size.items()
     ]
+    figures.append(
+        figure(
+            "peak_rss_max_over_min",
+            max(mine_peaks) / min(mine_peaks),
+            f"x ({default}: the command's allocator here)",
+            f"<= {RSS_FLAT_GOAL}",
+        )
+    )
+    for kind in kinds:
+        at = [r for r in runs if r["allocator"] == kind]
+        top = [r for r in at if r["blocks"] == largest]
+        p = [r["peak_rss_mib"] for r in at]
+        figures += [
+            figure(f"peak_rss_max_over_min_{kind}", max(p) / min(p), "x"),
+            figure(
+                f"sys_s_largest_{kind}",
+                max(r["sys_s"] for r in top),
+                f"s system ({largest} blocks)",
+            ),
+            figure(
+                f"cpu_s_per_block_largest_{kind}",
+                min(r["cpu_s_per_block"] for r in top),
+                "s CPU per block (fastest run)",
+            ),
+        ]
     figures += [
-        figure("peak_rss_max_over_min", max(peaks) / min(peaks), "x", f"<= {RSS_FLAT_GOAL}"),
-        figure("sys_s_largest", runs[-1]["sys_s"], f"s system time ({runs[-1]['blocks']} blocks)"),
-        figure("cpu_s_per_block_largest", runs[-1]["cpu_s_per_block"], "s CPU per block"),
         figure("memory_request_mb", predicted_mb, "MB (wsiscan.memory.infer_memory_mb)"),
         figure("request_over_peak", predicted_mb / peak_mb, "x", ">= 1"),
         figure("torch_import_cpu_s", torch_cpu, "s CPU (fresh interpreter, import torch)"),
@@ -197,11 +244,13 @@ def bench_infer_rss(smoke: bool) -> dict[str, Any]:
                 "dense_mode": "single",
                 "device": "cpu",
                 "blocks": r["blocks"],
+                "allocator": r["allocator"],
                 "peak_rss_mb": round(r["peak_rss_mib"] * 2**20 / 1e6, 1),
             }
             for r in runs
         ],
         "torch_import_s": [[round_sig(w), round_sig(c)] for w, c in torch_s],
+        "allocators": {k: v.get("WSISCAN_JEMALLOC") for k, v in kinds.items()},
         "n": n,
         "load_average_after": load_average(),
     }

@@ -174,6 +174,27 @@ def test_tumour_probability_is_softmax_channel_one():
     assert tumour_probability(logits).item() == pytest.approx(0.75)
 
 
+def test_tumour_probability_ignores_threads_and_batch():
+    """The same logit gives the same probability, bit for bit, whatever the number of threads and
+    wherever it lies in the batch (torch's own CPU softmax does not: a thread's last elements
+    take a scalar exp); and it is the softmax to float32 rounding."""
+    logits = torch.randn(5, 2, 97, 131, generator=torch.Generator().manual_seed(0)) * 6
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = tumour_probability(logits)
+        torch.set_num_threads(3)
+        three = tumour_probability(logits)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, three) and one.dtype == torch.float32
+    for i in range(len(logits)):
+        assert torch.equal(tumour_probability(logits[i : i + 1])[0], one[i])
+    shifted = tumour_probability(logits.flatten(2)[:, :, 7:].reshape(5, 2, -1, 1))  # other offsets
+    assert torch.equal(shifted[..., 0], one.flatten(1)[:, 7:])
+    torch.testing.assert_close(one, torch.softmax(logits, dim=1)[:, 1], rtol=1e-6, atol=1e-7)
+
+
 # -- normalisation -------------------------------------------------------------------------------
 def test_to_tensor_normalises_with_imagenet_stats():
     rgb = np.zeros((2, 4, 5, 3), np.uint8)

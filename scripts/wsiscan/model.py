@@ -270,13 +270,29 @@ class ScanNet(nn.Module):
 
     @staticmethod
     def tumour_probability(logits: torch.Tensor) -> torch.Tensor:
-        """Softmax over the class channel; returns channel 1 (tumour), shape ``(N, h, w)``."""
-        return torch.softmax(logits, dim=1)[:, 1]
+        """Softmax over the class channel; returns channel 1 (tumour), shape ``(N, h, w)``
+        (see :func:`tumour_probability`)."""
+        return tumour_probability(logits)
 
 
 def tumour_probability(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax over the class channel of ``(N, 2, h, w)`` logits; the tumour channel ``(N, h, w)``."""
-    return ScanNet.tumour_probability(logits)
+    """Softmax over the class channel of ``(N, 2, h, w)`` logits; the tumour channel ``(N, h, w)``
+    (no gradient).
+
+    On the CPU it is computed in float32 by NumPy, whose vectorised ``exp`` gives every element
+    the same result wherever it lies in the array. torch's CPU kernels split a tensor among
+    threads and finish each part with a scalar ``exp`` that differs from the vector one by 1 ulp
+    on some values, so the map would depend on the number of threads (found on an AVX-512
+    machine by ``tests/test_faults.py::test_killed_infer_job_is_redone_and_identical``). On a
+    GPU every element runs the same code, and torch computes it there.
+    """
+    if logits.device.type != "cpu":
+        return torch.softmax(logits, dim=1)[:, 1]
+    both = logits.detach().float().numpy()
+    healthy, tumour = both[:, 0], both[:, 1]
+    top = np.maximum(healthy, tumour)
+    e_healthy, e_tumour = np.exp(healthy - top), np.exp(tumour - top)
+    return torch.from_numpy(e_tumour / (e_healthy + e_tumour))
 
 
 # -- torchvision ImageNet weights ------------------------------------------------------------------

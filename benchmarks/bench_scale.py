@@ -37,23 +37,22 @@ _FIRST = re.compile(r"first batch of blocks ([0-9.?]+) s after the process start
 _ALLOCATOR = re.compile(r"allocator: (.*)")
 
 
-def allocators() -> dict[str, dict[str, str]]:
-    """Environment of each allocator to measure: glibc's malloc, and jemalloc if
-    :func:`wsiscan.allocator.find_jemalloc` finds it (then the command's own choice)."""
+def allocators() -> dict[str, str]:
+    """``$WSISCAN_JEMALLOC`` of each allocator to measure: glibc's malloc (``"0"``), and jemalloc
+    if :func:`wsiscan.allocator.find_jemalloc` finds it (then the command's own choice)."""
     from wsiscan.allocator import JEMALLOC_ENV, find_jemalloc
 
     found = find_jemalloc({k: v for k, v in os.environ.items() if k != JEMALLOC_ENV})
-    return {"glibc": {JEMALLOC_ENV: "0"}} | ({"jemalloc": {JEMALLOC_ENV: found}} if found else {})
+    return {"glibc": "0"} | ({"jemalloc": found} if found else {})
 
 
 def run_child(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``cmd`` in a fresh child of a small launcher, without the allocator variables (the
     command chooses them when it restarts itself): its peak RSS (MiB), user/system/wall seconds
     and stderr."""
-    from wsiscan.allocator import MALLOC_TUNING
+    from wsiscan.allocator import RESTART_VARIABLES
 
-    drop = {*MALLOC_TUNING, "MALLOC_CONF", "LD_PRELOAD"}
-    env = {k: v for k, v in (env or os.environ).items() if k not in drop}
+    env = {k: v for k, v in (env or os.environ).items() if k not in RESTART_VARIABLES}
     with tempfile.TemporaryDirectory(prefix="wsiscan-rss-") as tmp:
         usage_json = Path(tmp) / "usage.json"
         proc = subprocess.run(
@@ -117,6 +116,7 @@ def bench_infer_rss(smoke: bool) -> dict[str, Any]:
     """Peak RSS and CPU time of ``wsiscan infer`` on four slide sizes, ``REPEATS`` runs each per
     allocator (slim model, n = 82, one loader worker, batch 4), the start-up time to the first
     batch, and the memory request."""
+    from wsiscan.allocator import JEMALLOC_ENV
     from wsiscan.memory import infer_memory_mb
     from wsiscan.model import init_model
     from wsiscan.params import InitModelParams
@@ -148,15 +148,15 @@ def bench_infer_rss(smoke: bool) -> dict[str, Any]:
 
             with h5py.File(folder / "rois.h5") as f:
                 block, tile = int(f.attrs["block_side"]), int(f.attrs["tile_side"])
+            cmd = infer_command(Path(info["path"]), folder, model, workers, batch)
+            blocks = setup["blocks"]
             for repeat in range(1 if smoke else REPEATS):
-                for kind, kind_env in kinds.items():
+                for kind, library in kinds.items():
                     (folder / "tiles.h5").unlink(missing_ok=True)
-                    cmd = infer_command(Path(info["path"]), folder, model, workers, batch)
-                    res = run_child(cmd, {**os.environ, **kind_env})
+                    res = run_child(cmd, {**os.environ, JEMALLOC_ENV: library})
                     stderr = res.pop("stderr")
                     wall0, cpu0 = first_batch_s(stderr)
                     used = _ALLOCATOR.search(stderr)
-                    blocks = setup["blocks"]
                     runs.append(
                         {
                             "slide_px": [w, h],
@@ -250,7 +250,7 @@ def bench_infer_rss(smoke: bool) -> dict[str, Any]:
             for r in runs
         ],
         "torch_import_s": [[round_sig(w), round_sig(c)] for w, c in torch_s],
-        "allocators": {k: v.get("WSISCAN_JEMALLOC") for k, v in kinds.items()},
+        "allocators": kinds,
         "n": n,
         "load_average_after": load_average(),
     }

@@ -30,6 +30,7 @@ from wsiscan.allocator import (
     JEMALLOC_SONAME,
     MALLOC_TUNING,
     NO_MALLOC_TUNING_ENV,
+    RESTART_VARIABLES,
     find_jemalloc,
     malloc_tuning_applies,
 )
@@ -321,8 +322,7 @@ def _infer_command(slide_path, rois, model_file, out) -> list:
 
 def _clean_env() -> dict[str, str]:
     """This environment without the variables the command sets when it restarts itself."""
-    drop = {*MALLOC_TUNING, "MALLOC_CONF", "LD_PRELOAD", JEMALLOC_ENV}
-    return {k: v for k, v in os.environ.items() if k not in drop}
+    return {k: v for k, v in os.environ.items() if k not in {*RESTART_VARIABLES, JEMALLOC_ENV}}
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc malloc settings")

@@ -53,6 +53,10 @@ JEMALLOC_SONAME = "libjemalloc.so.2"
 JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 
 
+#: every variable :func:`restart_environment` may set
+RESTART_VARIABLES = frozenset({*MALLOC_TUNING, "LD_PRELOAD", "MALLOC_CONF"})
+
+
 def malloc_tuning_applies(stage: str, environ: Mapping[str, str]) -> bool:
     """Whether ``wsiscan <stage>`` should restart itself with :func:`restart_environment`: a
     torch stage, glibc, not switched off, and neither :data:`MALLOC_TUNING` variable set already

@@ -368,28 +368,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``wsiscan`` command."""
     args = build_parser().parse_args(argv)
-    if argv is None and malloc_tuning_applies(args.stage, os.environ):
-        try:
-            extra = restart_environment(args.stage, os.environ)
-        except ConfigError as exc:
-            _record_failure(args, exc, str(exc))
-            print(f"wsiscan {args.stage}: error: {exc}", file=sys.stderr)
-            return 1
-        # the same command once more, same PID, with the allocator settings in its environment
-        os.execve(  # noqa: S606 (an argument list, no shell)
-            sys.executable,
-            [sys.executable, "-m", "wsiscan", *sys.argv[1:]],
-            {**os.environ, **extra},
-        )
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if args.stage in TORCH_STAGES:
-        log.info("allocator: %s", active_allocator())
     slide_id = getattr(args, "slide_id", None)
     try:
+        if argv is None and malloc_tuning_applies(args.stage, os.environ):
+            # the same command once more, same PID, with the allocator settings in its environment
+            os.execve(  # noqa: S606 (an argument list, no shell)
+                sys.executable,
+                [sys.executable, "-m", "wsiscan", *sys.argv[1:]],
+                {**os.environ, **restart_environment(args.stage, os.environ)},
+            )
+        if args.stage in TORCH_STAGES:
+            log.info("allocator: %s", active_allocator())
         args.run(args)
     except WsiscanError as exc:
         _record_failure(args, exc, str(exc))
